@@ -1,0 +1,121 @@
+"""Parameter checkpoints: orbax-saved params plus the model config that built them.
+
+Layout of a params checkpoint directory (what `convert import-hf` writes and training can start from):
+
+  CKPT/params/          orbax `StandardCheckpointer` checkpoint of the params tree (atomic: written to a temporary
+                        directory and renamed when complete)
+  CKPT/teacherlm.json   {"model_config": BloomConfig fields, "hf_config": the Hugging Face config.json it came from
+                        (or null), "source": free-form provenance}; written after the params, so a directory without
+                        it is an incomplete save and is refused
+  CKPT/tokenizer.json   (optional) the tokenizer files that came with the model
+
+Paths may be local or any `etils.epath` / `tf.io.gfile` URL such as gs://.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from teacherlm_jax import partitioning
+from teacherlm_jax.models import bloom
+
+METADATA_FILE = "teacherlm.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config: Optional[dict] = None,
+                source: str = "") -> None:
+  """Saves `params` (plain arrays, possibly sharded) and their config to `path`; returns when the save is complete."""
+  directory = epath.Path(path)
+  if (directory / METADATA_FILE).exists():
+    raise FileExistsError(f"{directory} already holds a checkpoint ({METADATA_FILE}); choose a new path")
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(_absolute(directory / PARAMS_DIR), params)
+    checkpointer.wait_until_finished()
+  metadata = {"model_config": config.to_dict(), "hf_config": hf_config, "source": source}
+  if jax.process_index() == 0:
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def read_metadata(path: str) -> dict:
+  """The `teacherlm.json` of a params checkpoint, with a clear error when the directory is not one."""
+  metadata_path = epath.Path(path) / METADATA_FILE
+  if not metadata_path.exists():
+    raise FileNotFoundError(f"{path} is not a complete params checkpoint: {metadata_path} is missing (an "
+                            "interrupted save, or the wrong directory)")
+  try:
+    return json.loads(metadata_path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{metadata_path}: invalid JSON ({error})") from error
+
+
+def load_config(path: str) -> bloom.BloomConfig:
+  """The BloomConfig stored with a params checkpoint."""
+  return bloom.BloomConfig.from_dict(read_metadata(path)["model_config"])
+
+
+def load_params(path: str, config: Optional[bloom.BloomConfig] = None, *, mesh: Optional[jax.sharding.Mesh] = None,
+                rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES) -> Any:
+  """Restores the params of a checkpoint, sharded on `mesh` by `rules` when a mesh is given.
+
+  Args:
+    path: a params checkpoint directory.
+    config: the model the params are for; its shape fields must equal the stored config's (dtype, remat and
+      scan_layers may differ: a change of scan_layers restacks the layers after the restore).
+    mesh, rules: where to place the restored arrays; without a mesh they go to the default device.
+  """
+  stored = load_config(path)
+  config = config or stored
+  _check_same_model(path, stored, config)
+  layout = bloom.Bloom(dataclasses.replace(stored, param_dtype=config.param_dtype))
+  boxed = jax.eval_shape(lambda key: bloom.init_params(layout, key), jax.random.key(0))
+  target = _abstract_target(boxed, mesh, rules)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(_absolute(epath.Path(path) / PARAMS_DIR), target)
+  if stored.scan_layers != config.scan_layers:
+    params = bloom.relayout_layers(params, config.num_layers, scan_layers=config.scan_layers)
+  return params
+
+
+def _abstract_target(boxed: Any, mesh: Optional[jax.sharding.Mesh], rules: partitioning.LogicalAxisRules) -> Any:
+  """Restore target: shapes/dtypes of the (boxed, abstract) params with the shardings to restore them into."""
+  shapes = nn.unbox(boxed)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  else:
+    shardings = partitioning.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _check_same_model(path: str, stored: bloom.BloomConfig, wanted: bloom.BloomConfig) -> None:
+  fields = ("vocab_size", "hidden_size", "num_layers", "num_heads")
+  diff = {f: (getattr(stored, f), getattr(wanted, f)) for f in fields if getattr(stored, f) != getattr(wanted, f)}
+  if diff:
+    detail = ", ".join(f"{f}: checkpoint {a} vs requested {b}" for f, (a, b) in diff.items())
+    raise ValueError(f"{path} holds a different model ({detail})")
+
+
+def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
+  """Copies the Hugging Face tokenizer files found in `source_dir` to `target_dir`; returns their names."""
+  copied = []
+  for name in TOKENIZER_FILES:
+    source = epath.Path(source_dir) / name
+    if source.exists():
+      epath.Path(target_dir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(target_dir) / name).write_bytes(source.read_bytes())
+      copied.append(name)
+  return copied
+
+
+def _absolute(path: epath.Path) -> epath.Path:
+  return path if "://" in str(path) else epath.Path(str(path)).resolve()

@@ -1,0 +1,31 @@
+"""Shared test setup: an 8-device CPU platform (set before jax is imported) and fixture paths."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def hf_tiny_dir() -> pathlib.Path:
+  """A tiny random Hugging Face BLOOM (6 heads, perturbed LayerNorms) saved by transformers as one safetensors."""
+  return FIXTURES / "hf_bloom_tiny"
+
+
+@pytest.fixture
+def hf_tiny_sharded_dir() -> pathlib.Path:
+  """The same model saved as 4 safetensors shards with `model.safetensors.index.json`."""
+  return FIXTURES / "hf_bloom_tiny_sharded"
+
+
+@pytest.fixture
+def hf_reference() -> dict:
+  """input_ids/attention_mask [4, 12] (full, left-padded, right-padded, left-padded rows) and transformers' logits."""
+  from safetensors.numpy import load_file
+  return load_file(str(FIXTURES / "hf_bloom_tiny_reference.safetensors"))
