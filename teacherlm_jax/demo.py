@@ -1,0 +1,114 @@
+"""`make demo`: the foundation end to end on the embedded tiny BLOOM.
+
+Imports a tiny random Hugging Face BLOOM (the committed fixture, made by transformers) into a params checkpoint,
+restores it, scores a few ECQA-style sentences, greedily continues a prompt with the KV cache, and exports the
+checkpoint back to the Hugging Face format. The weights are random, so the continuation is gibberish: the demo shows
+the plumbing, not a trained teacher (later stages of the project train one).
+
+  python -m teacherlm_jax.demo --out outputs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from teacherlm_jax import checkpoints, convert, vocabularies
+from teacherlm_jax.models import bloom
+
+DEFAULT_HF_DIR = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf_bloom_tiny"
+SENTENCES = (
+    "Q: What kind of people will someone who is in charge of project look for? A: The answer is (C).",
+    "Q: What kind of people will someone who is in charge of project look for? A: The answer is (A).",
+    "Determine the correctness of the following sentence. Eating soup means eating only solids.",
+)
+PROMPT = "Q: Where would you put a plate after washing it? A:"
+
+
+def sequence_log_likelihoods(model: bloom.Bloom, params: dict, token_rows: list[list[int]]) -> np.ndarray:
+  """Sum of log p(token_t | tokens_<t) over each row (right-padded batch) -> [rows]."""
+  length = max(len(row) for row in token_rows)
+  tokens = np.zeros((len(token_rows), length), np.int32)
+  mask = np.zeros_like(tokens)
+  for i, row in enumerate(token_rows):
+    tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+  logits = jax.jit(model.apply)({"params": params}, tokens, mask)
+  log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+  return np.asarray((picked * mask[:, 1:]).sum(axis=1))
+
+
+def greedy_continuation(model: bloom.Bloom, params: dict, prompt: list[int], new_tokens: int) -> list[int]:
+  """Greedy decoding with the KV cache: one prefill call, then one call per new token."""
+  @jax.jit
+  def step(cache, tokens):
+    logits, state = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+    return jnp.argmax(logits[:, -1], axis=-1)[:, None], state["cache"]
+
+  cache = bloom.init_cache(model, 1, len(prompt) + new_tokens)
+  token, cache = step(cache, jnp.asarray([prompt], jnp.int32))
+  generated = [int(token[0, 0])]
+  for _ in range(new_tokens - 1):
+    token, cache = step(cache, token)
+    generated.append(int(token[0, 0]))
+  return generated
+
+
+def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
+  """Runs the demo into `out` (replacing an earlier demo there) and returns its summary."""
+  if out.exists():
+    shutil.rmtree(out)
+  ckpt, export = out / "params_checkpoint", out / "hf_export"
+  convert.import_hf(str(hf_dir), str(ckpt))
+  config = checkpoints.load_config(str(ckpt))
+  model, params = bloom.Bloom(config), checkpoints.load_params(str(ckpt))
+  vocabulary = vocabularies.HfTokenizerVocabulary(str(ckpt / "tokenizer.json"))
+
+  scores = sequence_log_likelihoods(model, params, [vocabulary.encode(s) for s in SENTENCES])
+  prompt_ids = vocabulary.encode(PROMPT)
+  continuation = greedy_continuation(model, params, prompt_ids, new_tokens=12)
+  convert.export_hf(str(ckpt), str(export))
+  reimported = convert.import_hf_params(str(export), config)
+  round_trip = all(jax.tree.leaves(jax.tree.map(np.array_equal, reimported, jax.device_get(params))))
+  summary = {
+      "model": config.to_dict(),
+      "params": bloom.count_params(params),
+      "log_likelihoods": {s: float(v) for s, v in zip(SENTENCES, scores)},
+      "prompt": PROMPT,
+      "greedy_continuation": vocabulary.decode(continuation),
+      "greedy_token_ids": continuation,
+      "export_round_trip_bit_identical": round_trip,
+      "outputs": {"params_checkpoint": str(ckpt), "hf_export": str(export)},
+  }
+  (out / "demo.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+  return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m teacherlm_jax.demo", description=__doc__.split("\n")[0])
+  parser.add_argument("--hf_dir", type=pathlib.Path, default=DEFAULT_HF_DIR,
+                      help="a Hugging Face BLOOM directory (default: the embedded tiny random BLOOM)")
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/demo"))
+  args = parser.parse_args(argv)
+  summary = run(args.hf_dir, args.out.resolve())
+  print(f"\nBLOOM with {summary['params']:,} parameters (random weights) imported from {args.hf_dir}")
+  for sentence, score in summary["log_likelihoods"].items():
+    print(f"  log p = {score:9.3f}  {sentence}")
+  print(f"  greedy continuation of {PROMPT!r}: {summary['greedy_continuation']!r}")
+  print(f"  exported to Hugging Face format and re-imported bit-identical: {summary['export_round_trip_bit_identical']}")
+  print("\nOutputs:")
+  for name, path in summary["outputs"].items():
+    print(f"  {name:18s} {path}")
+  print(f"  {'summary':18s} {args.out.resolve() / 'demo.json'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
