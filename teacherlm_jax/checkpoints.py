@@ -7,7 +7,7 @@ Layout of a params checkpoint directory (what `convert import-hf` writes and tra
   CKPT/teacherlm.json   {"model_config": BloomConfig fields, "hf_config": the Hugging Face config.json it came from
                         (or null), "source": free-form provenance}; written after the params, so a directory without
                         it is an incomplete save and is refused
-  CKPT/tokenizer.json   (optional) the tokenizer files that came with the model
+  CKPT/tokenizer.json   (optional) the tokenizer and generation-config files that came with the model
 
 Paths may be local or any `etils.epath` / `tf.io.gfile` URL such as gs://.
 """
@@ -28,7 +28,7 @@ from teacherlm_jax.models import bloom
 
 METADATA_FILE = "teacherlm.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config: Optional[dict] = None,
@@ -37,6 +37,9 @@ def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config:
   directory = epath.Path(path)
   if (directory / METADATA_FILE).exists():
     raise FileExistsError(f"{directory} already holds a checkpoint ({METADATA_FILE}); choose a new path")
+  if (directory / PARAMS_DIR).exists():
+    raise FileExistsError(f"{directory / PARAMS_DIR} exists without {METADATA_FILE}: an interrupted save; delete "
+                          f"{directory} and save again")
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(_absolute(directory / PARAMS_DIR), params)
@@ -106,9 +109,9 @@ def _check_same_model(path: str, stored: bloom.BloomConfig, wanted: bloom.BloomC
 
 
 def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
-  """Copies the Hugging Face tokenizer files found in `source_dir` to `target_dir`; returns their names."""
+  """Copies the Hugging Face tokenizer (and generation config) files found in `source_dir`; returns their names."""
   copied = []
-  for name in TOKENIZER_FILES:
+  for name in HF_SIDE_FILES:
     source = epath.Path(source_dir) / name
     if source.exists():
       epath.Path(target_dir).mkdir(parents=True, exist_ok=True)

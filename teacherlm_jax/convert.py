@@ -93,11 +93,16 @@ def bloom_config_from_hf(hf_config: dict, **overrides: Any) -> bloom.BloomConfig
       if hf_config.get(key) is not None:
         return hf_config[key]
     raise ConversionError(f"{CONFIG_FILE}: none of the fields {keys} is set")
-  return bloom.BloomConfig(
-      vocab_size=int(first("vocab_size")), hidden_size=int(first("hidden_size", "n_embed")),
-      num_layers=int(first("n_layer", "num_hidden_layers")), num_heads=int(first("n_head", "num_attention_heads")),
-      layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
-      initializer_range=float(hf_config.get("initializer_range", 0.02)), **overrides)
+  try:
+    return bloom.BloomConfig(
+        vocab_size=int(first("vocab_size")), hidden_size=int(first("n_embed", "hidden_size")),
+        num_layers=int(first("n_layer", "num_hidden_layers")), num_heads=int(first("n_head", "num_attention_heads")),
+        layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
+        initializer_range=float(hf_config.get("initializer_range", 0.02)), **overrides)
+  except ConversionError:
+    raise
+  except (TypeError, ValueError) as error:  # a non-numeric field, or a hidden_size the heads do not divide
+    raise ConversionError(f"{CONFIG_FILE}: {error}") from error
 
 
 def hf_config_from_bloom(config: bloom.BloomConfig, dtype: str, base: Optional[dict] = None) -> dict:
@@ -199,7 +204,7 @@ def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
   """Yields (file, name, array) for every tensor, one at a time (arrays are read lazily from each file)."""
   for file_name, indexed in tqdm(safetensors_files(hf_dir).items(), desc="safetensors files", unit="file"):
     if not epath.Path(file_name).exists():
-      raise ConversionError(f"{file_name}: listed in {INDEX_FILE} but missing")
+      raise ConversionError(f"{file_name}: missing, but {INDEX_FILE} lists tensors {indexed[:5]} in it")
     try:
       handle = safetensors.safe_open(file_name, framework="numpy")
     except Exception as error:  # safetensors raises its own error types for bad headers
