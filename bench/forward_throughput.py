@@ -78,6 +78,27 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def cpu_seconds() -> tuple[float, Optional[float], float]:
+  """(wall clock, CPU seconds all processes have used so far or None without /proc/stat, this process's CPU seconds)."""
+  busy = None
+  try:
+    with open("/proc/stat", encoding="utf-8") as stat:
+      user, nice, system, _, _, irq, softirq, steal = (int(n) for n in stat.readline().split()[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError):
+    pass
+  own = os.times()
+  return time.perf_counter(), busy, own.user + own.system
+
+
+def background_cores(before: tuple[float, Optional[float], float], after: tuple[float, Optional[float], float]
+                     ) -> Optional[float]:
+  """Average number of cores that other processes kept busy between two `cpu_seconds()` snapshots."""
+  if before[1] is None or after[1] is None:
+    return None
+  return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
 def make_hf_model(args: argparse.Namespace, torch: Any, transformers: Any) -> Any:
   """A random float32 `BloomForCausalLM` of the flags' size, in eval mode, with every parameter perturbed."""
   config = transformers.BloomConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
@@ -117,14 +138,14 @@ def format_table(figures: dict[str, Any]) -> str:
            f"torch {figures['versions']['torch']}, transformers {figures['versions']['transformers']}"),
           ("threads", "XLA CPU default (all cores)", f"torch.set_num_threads({figures['torch_threads']})")]
   config, shape = figures["config"], figures["inputs"]
+  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
   setup = (f"config: hidden {config['hidden_size']}, layers {config['num_layers']}, heads {config['num_heads']}, "
            f"vocab {config['vocab_size']}; {figures['num_params']:,} parameters; float32\n"
            f"inputs: batch {shape['batch_size']} x seq {shape['seq_len']} = {shape['tokens']} tokens per forward; "
            f"{figures['repeats']} timed forwards each after 1 warm-up; logits max abs diff "
            f"{figures['max_abs_diff']:.2e}\n"
-           f"machine: {figures['cpu']}, {figures['cores']} cores; 1-min load average "
-           f"{figures['load_average_1min']['before']:.2f} before timing, {figures['load_average_1min']['after']:.2f} "
-           f"after; Python {figures['versions']['python']}")
+           f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
+           f"{background}; Python {figures['versions']['python']}")
   lines = [f"| {' | '.join(row)} |" for row in rows]
   lines.insert(1, "| --- | --- | --- |")
   return "\n".join(lines) + "\n\n" + setup
@@ -192,13 +213,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1
 
   tokens = args.batch_size * args.seq_len
-  load_before = os.getloadavg()[0]
+  before = cpu_seconds()
   results = {}
   for name, seconds in time_interleaved(calls, args.repeats).items():
     median = statistics.median(seconds)
     results[name] = {"seconds": seconds, "median_s": median, "tokens_per_s": tokens / median}
     print(f"{name}: median {median:.3f} s over {args.repeats} forwards")
-  load = (load_before, os.getloadavg()[0])
+  background = background_cores(before, cpu_seconds())
+  if background is not None and background > 0.1:
+    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
+          "not those of an idle machine", file=sys.stderr)
 
   figures = {
       **results,
@@ -208,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       "inputs": {"batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens},
       "num_params": bloom.count_params(params), "repeats": args.repeats, "max_abs_diff": max_abs_diff,
       "compile_and_first_run_s": compile_s, "torch_threads": torch.get_num_threads(),
-      "cpu": cpu_model(), "cores": cores, "load_average_1min": {"before": load[0], "after": load[1]},
+      "cpu": cpu_model(), "cores": cores, "background_cores": background,
       "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "python": platform.python_version()},

@@ -103,7 +103,8 @@ def reference_params() -> dict:
 def test_import_then_export_is_bit_identical(ckpts, tmp_path, source):
   hf_dir = {"single": SINGLE, "sharded": SHARDED}[source]
   out = _export(ckpts[source], tmp_path / "export")
-  assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+  assert sorted(p.name for p in out.iterdir()) == [
+      "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
   exported = load_file(str(out / "model.safetensors"))
   _assert_bit_identical(exported, _read_hf_tensors(hf_dir))
   assert len(exported) == 29 and all(name.startswith("transformer.") for name in exported)
