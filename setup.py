@@ -13,7 +13,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["teacherlm_jax", "teacherlm_jax.*", "tasks", "tasks.*"]),
     include_package_data=True,
-    package_data={"": ["*.json", "*.jsonl", "*.csv", "*.tfrecord", "*.gin", "*.md"]},
+    package_data={"tasks": ["data/**/*"]},  # the embedded sample datasets
     install_requires=[
         "jax>=0.10",  # CPU by default; see README for the TPU and CUDA installs
         "flax>=0.12",

@@ -1,0 +1,153 @@
+"""Readers for the corpora's real on-disk formats, with record validation that names file, line and field.
+
+Formats: JSONL (one object per line), TFRecord of `tf.train.Example` (P3's `inputs_pretokenized` /
+`targets_pretokenized`, Muffin's `inputs` / `targets`, TeacherData's fields), and the Hendrycks MMLU CSV
+(no header: question, A, B, C, D, answer). Files are read through `tf.io.gfile`, so `gs://` paths work.
+
+Each reader yields `(Location, record)` where a record that cannot be read is a `BadRecord` instead of a dict; what
+happens to it (raise, or count and write to a rejects file) is the caller's policy (`tasks.sources`). Blank lines in
+JSONL are not records and are passed over.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from typing import Any, Iterator, Mapping, Union
+
+import tensorflow as tf
+
+Record = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a record is: a 1-based line (JSONL, CSV) or record number (TFRecord) in a file."""
+
+  path: str
+  line: int
+  unit: str = "line"
+
+  def __str__(self) -> str:
+    return f"{self.path} {self.unit} {self.line}"
+
+
+class BadRecord(ValueError):
+  """A record that cannot be used; the message names the file, the line/record and the field."""
+
+  def __init__(self, location: Location, field: str | None, reason: str):
+    self.location, self.field, self.reason = location, field, reason
+    where = f"{location}" if field is None else f"{location}, field {field!r}"
+    super().__init__(f"{where}: {reason}")
+
+  def as_json(self) -> dict:
+    return {"file": self.location.path, self.location.unit: self.location.line, "field": self.field,
+            "reason": self.reason}
+
+
+Item = tuple[Location, Union[Record, BadRecord]]
+
+
+def iter_jsonl(path: str) -> Iterator[Item]:
+  """Objects of a JSONL file; invalid UTF-8, invalid JSON and non-objects become `BadRecord`s."""
+  with tf.io.gfile.GFile(path, "rb") as handle:
+    for number, raw in enumerate(handle, start=1):
+      location = Location(path, number)
+      if not raw.strip():
+        continue
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as error:
+        yield location, BadRecord(location, None, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+        continue
+      try:
+        record = json.loads(text)
+      except json.JSONDecodeError as error:
+        yield location, BadRecord(location, None, f"invalid JSON ({error.msg} at column {error.colno})")
+        continue
+      if not isinstance(record, dict):
+        yield location, BadRecord(location, None, f"expected a JSON object, got {type(record).__name__}")
+        continue
+      yield location, record
+
+
+def iter_tfrecord(path: str) -> Iterator[Item]:
+  """`tf.train.Example`s of a TFRecord file as dicts: bytes features decode to str (UTF-8), ints and floats stay."""
+  dataset = tf.data.TFRecordDataset(path).as_numpy_iterator()
+  number = 0
+  while True:
+    number += 1
+    location = Location(path, number, unit="record")
+    try:
+      raw = next(dataset)
+    except StopIteration:
+      return
+    except tf.errors.DataLossError as error:
+      yield location, BadRecord(location, None, f"corrupted TFRecord ({error.message}); the rest of the file is "
+                                                "unreadable")
+      return
+    yield location, _example_to_record(location, raw)
+
+
+def _example_to_record(location: Location, raw: bytes) -> Union[Record, BadRecord]:
+  try:
+    example = tf.train.Example.FromString(raw)
+  except Exception as error:  # protobuf's DecodeError
+    return BadRecord(location, None, f"not a tf.train.Example ({error})")
+  record: Record = {}
+  for name, feature in example.features.feature.items():
+    kind = feature.WhichOneof("kind")
+    values = list(getattr(feature, kind).value) if kind else []
+    if kind == "bytes_list":
+      try:
+        values = [value.decode("utf-8") for value in values]
+      except UnicodeDecodeError as error:
+        return BadRecord(location, name, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+    record[name] = values[0] if len(values) == 1 else values
+  return record
+
+
+def iter_csv(path: str, columns: tuple[str, ...]) -> Iterator[Item]:
+  """Rows of a header-less CSV as dicts keyed by `columns`; a row with another column count is a `BadRecord`."""
+  with tf.io.gfile.GFile(path, "rb") as handle:
+    raw = handle.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = raw[:error.start].count(b"\n") + 1
+    location = Location(path, line)
+    yield location, BadRecord(location, None, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+    return
+  reader = csv.reader(io.StringIO(text, newline=""))
+  for row in reader:
+    location = Location(path, reader.line_num)
+    if not any(cell.strip() for cell in row):
+      continue
+    if len(row) != len(columns):
+      yield location, BadRecord(location, None, f"expected {len(columns)} columns {columns}, got {len(row)}")
+      continue
+    yield location, dict(zip(columns, row))
+
+
+def check_fields(location: Location, record: Record, required: Mapping[str, type],
+                 optional: Mapping[str, type] = {}) -> Record:  # noqa: B006 (read-only default)
+  """Checks presence, type and non-emptiness of fields; raises `BadRecord` naming the first bad field."""
+  for field, kind in {**required, **optional}.items():
+    if field not in record or record[field] is None:
+      if field in required:
+        raise BadRecord(location, field, "missing")
+      continue
+    value = record[field]
+    if kind is str and not isinstance(value, str):
+      raise BadRecord(location, field, f"expected a string, got {type(value).__name__} {value!r:.40}")
+    if kind is str and not value.strip():
+      raise BadRecord(location, field, "empty")
+    if kind is bool and not isinstance(value, bool):
+      raise BadRecord(location, field, f"expected true/false, got {type(value).__name__} {value!r:.40}")
+    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+      raise BadRecord(location, field, f"expected a list of strings, got {value!r:.60}")
+    if kind is list and not value:
+      raise BadRecord(location, field, "empty")
+  return record

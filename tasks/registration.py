@@ -1,0 +1,116 @@
+"""Shared pieces of task registration: the gin-chosen vocabulary, output features and the seqio preprocessors."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import seqio
+import tensorflow as tf
+
+from tasks import config, sources
+
+
+class ConfiguredVocabulary(seqio.Vocabulary):
+  """A vocabulary that resolves to `config.task_vocabulary()` when used, so gin can choose it after `import tasks`.
+
+  Every method delegates; two ConfiguredVocabulary objects are equal (they resolve to the same vocabulary).
+  """
+
+  def __init__(self):
+    super().__init__(extra_ids=0)
+
+  @property
+  def resolved(self) -> seqio.Vocabulary:
+    return config.task_vocabulary()
+
+  @property
+  def eos_id(self) -> Optional[int]:
+    return self.resolved.eos_id
+
+  @property
+  def unk_id(self) -> Optional[int]:
+    return self.resolved.unk_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.resolved.pad_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self.resolved.vocab_size
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.resolved.vocab_size
+
+  def encode(self, s):
+    return self.resolved.encode(s)
+
+  def decode(self, ids):
+    return self.resolved.decode(ids)
+
+  def encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    return self.resolved.encode_tf(s)
+
+  def decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    return self.resolved.decode_tf(ids)
+
+  def _encode(self, s):
+    return self.resolved.encode(s)
+
+  def _decode(self, ids):
+    return self.resolved.decode(ids)
+
+  def _encode_tf(self, s):
+    return self.resolved.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.resolved.decode_tf(ids)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, ConfiguredVocabulary) or self.resolved == other
+
+  def __hash__(self) -> int:
+    return hash(ConfiguredVocabulary)
+
+  def __str__(self) -> str:
+    return f"ConfiguredVocabulary({self.resolved})"
+
+
+VOCABULARY = ConfiguredVocabulary()
+OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(VOCABULARY, add_eos=False, required=False),
+    "targets": seqio.Feature(VOCABULARY, add_eos=True),
+}
+PREPROCESSORS = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim)
+
+
+def register_task(name: str, source: sources.RenderedSource, metric_fns: Sequence = ()) -> seqio.Task:
+  """Registers (or replaces) a seqio Task over `source` with the shared features and preprocessors."""
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, source=source, preprocessors=list(PREPROCESSORS),
+                                output_features=OUTPUT_FEATURES, metric_fns=list(metric_fns),
+                                shuffle_buffer_size=10_000)
+
+
+def register_mixture(name: str, task_names: Sequence[str], rate=None) -> seqio.Mixture:
+  """Registers (or replaces) a mixture; the default rate is each task's (capped) number of training examples."""
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  rate = rate or examples_rate
+  return seqio.MixtureRegistry.add(name, [(task, rate) for task in task_names])
+
+
+def examples_rate(task: seqio.Task) -> float:
+  """Mixing rate = the task's number of (capped) training examples, so every example is seen about once per epoch.
+
+  The caps are applied inside the sources (3,000 per P3 prompt, 30,000 per Muffin task), so a capped corpus weighs
+  what it contributes, not what it has on disk.
+  """
+  return float(task.num_input_examples("train"))
+
+
+def continuation(text: str) -> str:
+  """A target that continues its input after one space (inputs and targets are concatenated as tokens)."""
+  return " " + text.strip()
