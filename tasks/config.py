@@ -57,8 +57,8 @@ def caps(corpus: str, p3_sense_3k: int = 3000, muffin_3w: int = 30000) -> Option
 @gin.configurable
 def bad_record_policy(on_bad_record: str = "raise", rejects_dir: Optional[str] = None) -> tuple[str, Optional[str]]:
   """What a bad record does: 'raise' (default) stops with an error naming file, line and field; 'skip' counts it,
-  logs a warning and writes it to `<rejects_dir>/<file name>.rejects.jsonl` (default: next to nothing, i.e. the
-  system temp dir's `teacherlm_rejects/`). Nothing is ever dropped silently."""
+  logs a warning and writes it to `<rejects_dir>/<group>.rejects.jsonl` (a group is a corpus split, a P3 prompt or a
+  Muffin task; the default directory is the system temp dir's `teacherlm_rejects/`). Nothing is dropped silently."""
   if on_bad_record not in POLICIES:
     raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {POLICIES}")
   return on_bad_record, rejects_dir

@@ -110,25 +110,31 @@ def _example_to_record(location: Location, raw: bytes) -> Union[Record, BadRecor
 
 
 def iter_csv(path: str, columns: tuple[str, ...]) -> Iterator[Item]:
-  """Rows of a header-less CSV as dicts keyed by `columns`; a row with another column count is a `BadRecord`."""
+  """Rows of a header-less CSV as dicts keyed by `columns`, located at the line where each row starts. A row with
+  another column count or with bytes that are not UTF-8 is a `BadRecord`; the rows after it are still read."""
   with tf.io.gfile.GFile(path, "rb") as handle:
-    raw = handle.read()
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as error:
-    line = raw[:error.start].count(b"\n") + 1
-    location = Location(path, line)
-    yield location, BadRecord(location, None, f"not valid UTF-8 ({error.reason} at byte {error.start})")
-    return
+    text = handle.read().decode("utf-8", errors="surrogateescape")  # bad bytes never split a CSV row
   reader = csv.reader(io.StringIO(text, newline=""))
+  end = 0
   for row in reader:
-    location = Location(path, reader.line_num)
+    location, end = Location(path, end + 1), reader.line_num
     if not any(cell.strip() for cell in row):
       continue
     if len(row) != len(columns):
       yield location, BadRecord(location, None, f"expected {len(columns)} columns {columns}, got {len(row)}")
       continue
-    yield location, dict(zip(columns, row))
+    record = dict(zip(columns, row))
+    yield location, _undecodable(location, record) or record
+
+
+def _undecodable(location: Location, record: Record) -> BadRecord | None:
+  """A `BadRecord` for the first field holding bytes that were not UTF-8 (surrogate-escaped), else None."""
+  for field, value in record.items():
+    try:
+      value.encode("utf-8", errors="surrogateescape").decode("utf-8")
+    except UnicodeDecodeError as error:
+      return BadRecord(location, field, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+  return None
 
 
 def check_fields(location: Location, record: Record, required: Mapping[str, type],

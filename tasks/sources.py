@@ -78,12 +78,12 @@ def _rendered(group: Group, render: Render, csv_columns) -> Iterator[tuple[forma
 class RenderedSource(seqio.DataSource):
   """Records from files under a configured root, rendered to string features; see the module docstring."""
 
-  def __init__(self, corpus: str, splits: Sequence[str], groups: Callable[[str, str], list[Group]],
+  def __init__(self, corpus: Optional[str], splits: Sequence[str], groups: Callable[[str, str], list[Group]],
                render: Render, features: Sequence[str], cap: Optional[int | Callable[[], Optional[int]]] = None,
                csv_columns: Optional[tuple[str, ...]] = None):
     """
     Args:
-      corpus: the `config.data_root` key of the root directory.
+      corpus: the `config.data_root` key of the root directory, or None when `groups` name their files directly.
       splits: split names.
       groups: (root, split) -> the groups of that split.
       render: (location, raw record) -> {feature: string}; raises `formats.BadRecord` for bad records.
@@ -109,11 +109,14 @@ class RenderedSource(seqio.DataSource):
     """The groups of `split` under the currently configured root; an error if there are none."""
     if split not in self.splits:
       raise ValueError(f"{self.corpus}: no split {split!r}; splits are {list(self.splits)}")
-    root = config.data_root(self.corpus)
-    groups = [group for group in self._groups(root, split) if group.files]
+    root = config.data_root(self.corpus) if self.corpus else ""
+    try:
+      groups = [group for group in self._groups(root, split) if group.files]
+    except tf.errors.NotFoundError:  # the root itself does not exist
+      groups = []
     if not groups:
-      raise FileNotFoundError(f"{self.corpus}: no {split!r} files under {root} (see tasks.config.data_root for the "
-                              "expected layout)")
+      where = f"under {root} (see tasks.config.data_root for the expected layout)" if root else "at the given paths"
+      raise FileNotFoundError(f"{self.corpus or 'user dataset'}: no {split!r} files {where}")
     return groups
 
   def scan(self, group: Group) -> ScanResult:

@@ -75,7 +75,7 @@ def register_annotated(name: str, paths: Mapping[str, str]) -> list[str]:
   for variant in VARIANTS:
     task_name = f"teacherlm_student_{name}_{variant}"
     register_task(task_name, RenderedSource(
-        "user", tuple(paths), _path_groups(name, paths), functools.partial(render_annotated, variant=variant),
+        None, tuple(paths), _path_groups(name, paths), functools.partial(render_annotated, variant=variant),
         FEATURES))
     names.append(task_name)
   return names
@@ -129,9 +129,9 @@ def register_multiple_choice(name: str, paths: Mapping[str, str], question_field
   """Registers `teacherlm_eval_<name>` and `teacherlm_student_<name>` from a user's multiple-choice JSONL."""
   fields = (question_field, options_field, answer_field, subject_field)
   register_task(f"teacherlm_eval_{name}", RenderedSource(
-      "user", tuple(paths), _path_groups(name, paths), _cached_renderer(*fields, True), EVAL_FEATURES))
+      None, tuple(paths), _path_groups(name, paths), _cached_renderer(*fields, True), EVAL_FEATURES))
   register_task(f"teacherlm_student_{name}", RenderedSource(
-      "user", tuple(paths), _path_groups(name, paths), _cached_renderer(*fields, False), FEATURES))
+      None, tuple(paths), _path_groups(name, paths), _cached_renderer(*fields, False), FEATURES))
   return [f"teacherlm_eval_{name}", f"teacherlm_student_{name}"]
 
 

@@ -27,3 +27,8 @@ class CausalLMFeatureConverter(seqio.PrefixLMFeatureConverter):
     converted = dict(super()._convert_example(features))
     converted.pop("decoder_causal_attention", None)
     return converted
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+    lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+    lengths.pop("decoder_causal_attention", None)
+    return lengths
