@@ -78,11 +78,30 @@ class ConfiguredVocabulary(seqio.Vocabulary):
 
 
 VOCABULARY = ConfiguredVocabulary()
+HASH_BUCKETS = 2**31 - 2
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(VOCABULARY, add_eos=False, required=False),
     "targets": seqio.Feature(VOCABULARY, add_eos=True),
+    # [1] int32 hash of `example_id`: survives mixing and packing, so training can log which examples it saw.
+    "example_hash": seqio.Feature(seqio.PassThroughVocabulary(HASH_BUCKETS + 1), add_eos=False, required=False,
+                                  dtype=tf.int32),
 }
-PREPROCESSORS = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim)
+
+
+def add_example_hash(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Adds `example_hash` = [1 + hash(example_id)] (int32, never 0: 0 is padding) to every example."""
+  def add(features):
+    digest = tf.strings.to_hash_bucket_fast(features["example_id"], HASH_BUCKETS) + 1
+    return {**features, "example_hash": tf.cast(digest, tf.int32)[tf.newaxis]}
+  return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def example_hash(example_id: str) -> int:
+  """The `example_hash` of an id, computed in Python the way the pipeline does."""
+  return int(tf.strings.to_hash_bucket_fast(example_id, HASH_BUCKETS)) + 1
+
+
+PREPROCESSORS = (add_example_hash, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim)
 
 
 def register_task(name: str, source: sources.RenderedSource, metric_fns: Sequence = ()) -> seqio.Task:

@@ -7,28 +7,77 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
+Spec = seqio.FeatureConverter.FeatureSpec
+EXAMPLE_HASH = "example_hash"
 
-class CausalLMFeatureConverter(seqio.PrefixLMFeatureConverter):
-  """seqio's prefix-LM conversion without the prefix's bidirectional mask: BLOOM attends causally everywhere.
 
-  Each example becomes `inputs + targets` (targets end with EOS). Model features, each [batch, length]:
-    decoder_input_tokens    the sequence shifted right (0 first)
+class CausalLMFeatureConverter(seqio.FeatureConverter):
+  """Each example becomes `inputs + targets` (targets end with EOS), read causally by BLOOM.
+
+  Model features, each int32 [batch, length] with length = inputs length + targets length:
+    decoder_input_tokens    the sequence shifted right (0 first, and at the start of every packed example)
     decoder_target_tokens   the sequence
     decoder_loss_weights    1 on targets (on every token with loss_on_targets_only=False), 0 on padding
     decoder_segment_ids, decoder_positions   (packing only) which example a token belongs to, and where in it
-  With `pack=True` several examples share a row, and `segment_ids` keep them from attending to each other. The model
-  feature length is inputs + targets length.
+    example_hash            (with_example_hash only) the `example_hash` of each example in the row, 0-padded
+  With `pack=True` several examples share a row, and the segment ids keep them from attending to each other.
+  (seqio's own converters refuse extra features when packing; this one packs `example_hash` with the tokens, so
+  training can account for every example it consumed.)
   """
 
-  MODEL_FEATURES = {name: spec for name, spec in seqio.PrefixLMFeatureConverter.MODEL_FEATURES.items()
-                    if name != "decoder_causal_attention"}
+  TASK_FEATURES = {"inputs": Spec(dtype=tf.int32), "targets": Spec(dtype=tf.int32)}
+  MODEL_FEATURES = {"decoder_target_tokens": Spec(dtype=tf.int32), "decoder_input_tokens": Spec(dtype=tf.int32),
+                    "decoder_loss_weights": Spec(dtype=tf.int32)}
+  PACKING_FEATURE_DTYPES = {"decoder_segment_ids": tf.int32, "decoder_positions": tf.int32}
 
-  def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
-    converted = dict(super()._convert_example(features))
-    converted.pop("decoder_causal_attention", None)
-    return converted
+  def __init__(self, pack: bool = True, loss_on_targets_only: bool = True, with_example_hash: bool = False,
+               bos_id: int = 0):
+    super().__init__(pack=pack, use_custom_packing_ops=False, apply_length_check=True, bos_id=bos_id)
+    self._loss_on_targets_only = loss_on_targets_only
+    self._with_example_hash = with_example_hash
+    if with_example_hash:
+      self.TASK_FEATURES = {**type(self).TASK_FEATURES, EXAMPLE_HASH: Spec(dtype=tf.int32)}
+      self.MODEL_FEATURES = {**type(self).MODEL_FEATURES, EXAMPLE_HASH: Spec(dtype=tf.int32)}
+
+  def _concatenate(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    inputs, targets = features["inputs"], features["targets"]
+    # 1 = input token, 2 = target token: seqio's packing treats 0 as padding, so no real position may be 0.
+    input_roles = tf.ones_like(inputs) if self._loss_on_targets_only else tf.fill(tf.shape(inputs), 2)
+    concatenated = {"tokens": tf.concat([inputs, targets], axis=0),
+                    "roles": tf.concat([input_roles, tf.fill(tf.shape(targets), 2)], axis=0)}
+    if self._with_example_hash:
+      concatenated[EXAMPLE_HASH] = features[EXAMPLE_HASH]
+    return concatenated
+
+  def _to_model_features(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    tokens = features["tokens"]
+    segment_ids = features.get("tokens_segment_ids")
+    model = {"decoder_target_tokens": tokens,
+             "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(tokens, sequence_id=segment_ids,
+                                                                            bos_id=self.bos_id),
+             "decoder_loss_weights": tf.cast(features["roles"] == 2, tf.int32)}
+    if self.pack:
+      model["decoder_segment_ids"] = segment_ids
+      model["decoder_positions"] = features["tokens_positions"]
+    if self._with_example_hash:
+      model[EXAMPLE_HASH] = features[EXAMPLE_HASH]
+    return model
+
+  def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    lengths = {"tokens": length, "roles": length}
+    if self._with_example_hash:
+      lengths[EXAMPLE_HASH] = task_feature_lengths[EXAMPLE_HASH]
+    ds = ds.map(self._concatenate, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = seqio.utils.trim_and_pack_dataset(ds, lengths) if self.pack else seqio.utils.trim_and_pad_dataset(
+        ds, lengths)
+    return ds.map(self._to_model_features, num_parallel_calls=tf.data.AUTOTUNE)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
-    lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
-    lengths.pop("decoder_causal_attention", None)
+    length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    lengths = {name: length for name in type(self).MODEL_FEATURES}
+    if self.pack:
+      lengths.update({name: length for name in self.PACKING_FEATURE_DTYPES})
+    if self._with_example_hash:
+      lengths[EXAMPLE_HASH] = task_feature_lengths[EXAMPLE_HASH]
     return lengths

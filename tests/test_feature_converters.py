@@ -38,3 +38,16 @@ def test_model_feature_lengths():
   assert converter.get_model_feature_lengths({"inputs": 5, "targets": 7}) == {
       "decoder_target_tokens": 12, "decoder_input_tokens": 12, "decoder_loss_weights": 12,
       "decoder_segment_ids": 12, "decoder_positions": 12}
+
+
+def test_example_hashes_are_packed_with_their_examples():
+  examples = [{"inputs": [7, 8], "targets": [3, 1], "example_hash": [11]},
+              {"inputs": [5], "targets": [4, 1], "example_hash": [22]},
+              {"inputs": [9, 9, 9], "targets": [6, 6, 1], "example_hash": [33]}]
+  dataset = tf.data.Dataset.from_generator(
+      lambda: iter(examples), output_signature={name: tf.TensorSpec([None], tf.int32) for name in examples[0]})
+  converter = feature_converters.CausalLMFeatureConverter(pack=True, with_example_hash=True)
+  rows = list(converter(dataset, {"inputs": 4, "targets": 4, "example_hash": 8}).as_numpy_iterator())
+  assert [list(row["example_hash"][row["example_hash"] != 0]) for row in rows] == [[11, 22], [33]]
+  np.testing.assert_array_equal(rows[0]["decoder_segment_ids"], [1, 1, 1, 1, 2, 2, 2, 0])
+  np.testing.assert_array_equal(rows[1]["decoder_loss_weights"], [0, 0, 0, 1, 1, 1, 0, 0])
