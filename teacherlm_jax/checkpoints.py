@@ -42,7 +42,7 @@ def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config:
                           f"{directory} and save again")
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(_absolute(directory / PARAMS_DIR), params)
+    checkpointer.save(absolute_path(directory / PARAMS_DIR), params)
     checkpointer.wait_until_finished()
   metadata = {"model_config": config.to_dict(), "hf_config": hf_config, "source": source}
   if jax.process_index() == 0:
@@ -83,7 +83,7 @@ def load_params(path: str, config: Optional[bloom.BloomConfig] = None, *, mesh: 
   boxed = jax.eval_shape(lambda key: bloom.init_params(layout, key), jax.random.key(0))
   target = _abstract_target(boxed, mesh, rules)
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(_absolute(epath.Path(path) / PARAMS_DIR), target)
+    params = checkpointer.restore(absolute_path(epath.Path(path) / PARAMS_DIR), target)
   if stored.scan_layers != config.scan_layers:
     params = bloom.relayout_layers(params, config.num_layers, scan_layers=config.scan_layers)
   return params
@@ -120,5 +120,6 @@ def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
   return copied
 
 
-def _absolute(path: epath.Path) -> epath.Path:
+def absolute_path(path: epath.Path) -> epath.Path:
+  """orbax wants absolute paths: resolves local ones, keeps URLs (gs://...)."""
   return path if "://" in str(path) else epath.Path(str(path)).resolve()

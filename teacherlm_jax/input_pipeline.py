@@ -14,6 +14,7 @@ from typing import Iterator, Mapping, Optional
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 
 import tasks
 from teacherlm_jax import feature_converters
@@ -58,12 +59,33 @@ def dataset(config: DataConfig, *, shuffle: bool = True, num_epochs: Optional[in
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {count} processes")
   lengths = dict(config.task_feature_lengths)
   lengths[EXAMPLE_HASH] = sum(lengths.values())  # room for one hash per packed example
-  tasks.get_mixture_or_task(config.mixture_or_task_name)  # registers gin-configured datasets; clear errors
-  data = seqio.get_dataset(
-      config.mixture_or_task_name, task_feature_lengths=lengths, dataset_split=config.split, shuffle=shuffle,
-      num_epochs=num_epochs, seed=config.seed, shard_info=seqio.ShardInfo(index=index, num_shards=count),
-      feature_converter=converter(config), use_cached=False)
-  return data.batch(config.batch_size // count, drop_remainder=True)
+  shard = seqio.ShardInfo(index=index, num_shards=count)
+  mixed = mix(config, lengths, shuffle=shuffle, num_epochs=num_epochs, shard_info=shard)
+  return converter(config)(mixed, lengths).batch(config.batch_size // count, drop_remainder=True)
+
+
+def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_epochs: Optional[int],
+        shard_info: seqio.ShardInfo) -> tf.data.Dataset:
+  """The tasks of a mixture (or one task), each shuffled within its epochs, sampled by the mixture's rates.
+
+  seqio's own mixtures repeat before shuffling (mixing epochs) and stop at the first exhausted task; here each task
+  sees each of its examples once per epoch, and a finite run (num_epochs=1) yields every example exactly once.
+  """
+  provider = tasks.get_mixture_or_task(config.mixture_or_task_name)
+  members = ([(task, provider.get_rate(task)) for task in provider.tasks] if isinstance(provider, seqio.Mixture)
+             else [(provider, 1.0)])
+  features = ("inputs", "targets", EXAMPLE_HASH)
+  datasets = []
+  for task, _ in members:
+    data = task.get_dataset(sequence_length=lengths, split=config.split, shuffle=shuffle, seed=config.seed,
+                            shard_info=shard_info, num_epochs=1)
+    data = data.map(lambda example: {name: example[name] for name in features if name in example})
+    datasets.append(data.repeat(num_epochs) if num_epochs != 1 else data)
+  if len(datasets) == 1:
+    return datasets[0]
+  total = sum(rate for _, rate in members)
+  return tf.data.Dataset.sample_from_datasets(datasets, weights=[rate / total for _, rate in members],
+                                              seed=config.seed, stop_on_empty_dataset=False)
 
 
 class BatchIterator:

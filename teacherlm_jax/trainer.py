@@ -120,6 +120,13 @@ def _like_params(opt_state: Any, params: Any, param_shardings: Any, default: Nam
                       is_leaf=is_param_tree)
 
 
+def abstract_train_state(model: bloom.Bloom, optimizer: optax.GradientTransformation) -> TrainState:
+  """Shapes and dtypes of the train state (nothing is computed)."""
+  params = nn.unbox(jax.eval_shape(functools.partial(bloom.init_params, model), jax.random.key(0)))
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                    opt_state=jax.eval_shape(optimizer.init, params))
+
+
 def init_train_state(model: bloom.Bloom, optimizer: optax.GradientTransformation, rng: jax.Array,
                      shardings: TrainState, params: Optional[Any] = None) -> TrainState:
   """A fresh train state laid out by `shardings`, computed under jit so no device holds more than its shards.
@@ -160,7 +167,8 @@ def _count_examples(batch: Batch) -> jax.Array:
 
 
 def train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, accumulation_steps: int,
-               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+               learning_rate_fn: Optional[optax.Schedule], state: TrainState,
+               batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch [B, L] split into `accumulation_steps` micro-batches [B/A, L].
 
   Gradients of the summed loss are accumulated over the micro-batches (lax.scan) and divided by the total number
@@ -182,6 +190,8 @@ def train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, accu
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct_sum"] / tokens,
              "grad_norm": optax.tree.norm(grads), "tokens": sums["tokens"], "examples": sums["examples"]}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -193,12 +203,14 @@ def batch_sharding(mesh: Mesh, rules: partitioning.LogicalAxisRules = partitioni
 
 def jit_train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, accumulation_steps: int,
                    shardings: TrainState, mesh: Mesh,
-                   rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES) -> Callable:
+                   rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+                   learning_rate_fn: Optional[optax.Schedule] = None) -> Callable:
   """`train_step` under jit with explicit in/out shardings; the old state's buffers are donated.
 
   Call it inside `partitioning.activation_rules(mesh, rules)` so activations get their sharding constraints.
+  With `learning_rate_fn` the metrics include the learning rate of the step.
   """
-  step = functools.partial(train_step, model, optimizer, accumulation_steps)
+  step = functools.partial(train_step, model, optimizer, accumulation_steps, learning_rate_fn)
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, rules)),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))

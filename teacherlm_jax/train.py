@@ -1,0 +1,340 @@
+"""Training entry point (T5X style): gin files + `--gin.X=` flags, resumable from MODEL_DIR.
+
+  python -m teacherlm_jax.train --gin_file=gin/runs/train.gin --gin_file=gin/models/tiny.gin \
+      --gin.MIXTURE_OR_TASK_NAME="'teacherlm_stage2_personalization'" --gin.MODEL_DIR="'/tmp/run'"
+
+Where a run starts from:
+  * MODEL_DIR already holds checkpoints -> resume this run: the train state, and the data position, of the latest
+    complete checkpoint (a MODEL_DIR holding another model's checkpoints is an error);
+  * else INITIAL_CHECKPOINT_PATH is set -> initialise the params from that params checkpoint (e.g. `convert
+    import-hf`'s output, or a finished run's MODEL_DIR), with a fresh optimizer state at step 0;
+  * else fresh random params (seeded).
+The log says which. The operative gin config is written to MODEL_DIR/config.gin. When training ends the params are
+also written as a params checkpoint to MODEL_DIR/final_params (what the next curriculum stage starts from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+from clu import metric_writers
+from jax.experimental import multihost_utils
+from etils import epath
+from tqdm import tqdm
+
+from teacherlm_jax import checkpoints, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
+from teacherlm_jax.models import bloom
+
+log = logging.getLogger("teacherlm_jax")
+# Peak dense bfloat16 FLOP/s per device, for the MFU estimate (override with `train.peak_flops_per_device`).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: the state was checkpointed and training stopped early."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss or gradient norm became NaN or infinite; nothing non-finite was saved."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished run reports."""
+
+  model_dir: str
+  start: str
+  final_step: int
+  final_metrics: dict[str, float]
+
+
+def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataConfig,
+          optimizer_config: trainer.OptimizerConfig, model_dir: str, train_steps: int,
+          initial_checkpoint_path: Optional[str] = None, mesh_shape: Sequence[int] = (1, -1, 1),
+          logical_axis_rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+          accumulation_steps: int = 1, save_every: int = 100, keep_checkpoints: Optional[int] = 3,
+          log_every: int = 10, eval_every: int = 0, eval_batches: int = 4, eval_split: str = "validation",
+          seed: int = 0, peak_flops_per_device: Optional[float] = None, log_example_ids: bool = False
+          ) -> TrainResult:
+  """Trains `model_config` on `data_config` for `train_steps` optimizer steps into `model_dir`.
+
+  Args:
+    model_config, data_config, optimizer_config: what to train, on what, how.
+    model_dir: where checkpoints, metrics (TensorBoard), config.gin and final_params go.
+    train_steps: the step to stop at (a resumed run continues up to it).
+    initial_checkpoint_path: params to start from when model_dir has no checkpoint.
+    mesh_shape: (data, fsdp, tensor); -1 = the rest of the devices.
+    logical_axis_rules: logical axis -> mesh axes.
+    accumulation_steps: micro-batches per step (the global batch is data_config.batch_size).
+    save_every, keep_checkpoints: checkpoint every N steps, keeping the last K (and at the end).
+    log_every: write metrics every N steps. eval_every: evaluate on `eval_split` every N steps (0 = never).
+    seed: parameter-initialisation seed. peak_flops_per_device: for MFU (default: a table by device kind).
+    log_example_ids: append the example hashes of every step to model_dir/example_ids/process_<i>.jsonl.
+  """
+  mesh = partitioning.make_mesh(*mesh_shape)
+  _check_batch(data_config.batch_size, accumulation_steps, mesh)
+  model = bloom.Bloom(model_config)
+  optimizer = trainer.make_optimizer(optimizer_config)
+  shardings = trainer.state_shardings(model, optimizer, mesh, logical_axis_rules)
+  manager = train_checkpoints.manager(model_dir, save_every, keep_checkpoints)
+  state, batches_consumed, start = _initial_state(manager, model_dir, model, optimizer, shardings, data_config,
+                                                  initial_checkpoint_path, seed, mesh, logical_axis_rules)
+  log.info("%s", start)
+  _write_config(model_dir)
+  batches = input_pipeline.BatchIterator(data_config, batches_consumed=batches_consumed)
+  step_fn = trainer.jit_train_step(model, optimizer, accumulation_steps, shardings, mesh, logical_axis_rules,
+                                   learning_rate_fn=trainer.learning_rate_schedule(optimizer_config))
+  context = _RunContext(model_dir, model_config, data_config, mesh, logical_axis_rules, peak_flops_per_device,
+                        log_example_ids)
+  with partitioning.activation_rules(mesh, logical_axis_rules), _sigterm_flag() as preempted:
+    state, metrics = _loop(state, batches, step_fn, manager, train_steps, context, preempted,
+                           log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+                           eval_split=eval_split)
+  _finish(manager, state, batches, model_dir, model_config)
+  return TrainResult(model_dir, start, int(state.step), metrics)
+
+
+@dataclasses.dataclass
+class _RunContext:
+  """The fixed parts of a run that the loop's helpers need."""
+
+  model_dir: str
+  model_config: bloom.BloomConfig
+  data_config: input_pipeline.DataConfig
+  mesh: jax.sharding.Mesh
+  rules: partitioning.LogicalAxisRules
+  peak_flops_per_device: Optional[float]
+  log_example_ids: bool
+
+  def __post_init__(self):
+    self.writer = metric_writers.create_default_writer(self.model_dir, just_logging=jax.process_index() > 0)
+    self.sharding = trainer.batch_sharding(self.mesh, self.rules)
+
+
+def _check_batch(batch_size: int, accumulation_steps: int, mesh: jax.sharding.Mesh) -> None:
+  """The micro-batch must split evenly over the data-parallel devices (data x fsdp)."""
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % accumulation_steps or (batch_size // accumulation_steps) % ways:
+    raise ValueError(f"BATCH_SIZE={batch_size} with accumulation_steps={accumulation_steps} gives micro-batches "
+                     f"that do not split over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} devices")
+
+
+def _initial_state(manager, model_dir, model, optimizer, shardings, data_config, initial_checkpoint_path, seed,
+                   mesh, rules) -> tuple[trainer.TrainState, int, str]:
+  """(state, batches already consumed, a sentence for the log): resume, initialise from a checkpoint, or fresh."""
+  latest = manager.latest_step()
+  if latest is not None:
+    train_checkpoints.check_same_model(model_dir, train_checkpoints.stored_model(manager, latest), model.config)
+    abstract = train_checkpoints.abstract_like(trainer.abstract_train_state(model, optimizer), shardings)
+    state, data_state = train_checkpoints.restore(manager, latest, abstract)
+    _check_same_data(model_dir, data_state, data_config)
+    return state, int(data_state["batches_consumed"]), f"resuming {model_dir} from its checkpoint at step {latest}"
+  if initial_checkpoint_path:
+    path = _params_checkpoint(initial_checkpoint_path)
+    params = checkpoints.load_params(path, model.config, mesh=mesh, rules=rules)
+    state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings, params=params)
+    return state, 0, f"initialising params from {path} (INITIAL_CHECKPOINT_PATH; fresh optimizer state, step 0)"
+  state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings)
+  return state, 0, f"fresh initialisation of {model_dir} (seed {seed})"
+
+
+def _params_checkpoint(path: str) -> str:
+  """A params checkpoint directory, or a finished run's MODEL_DIR (its final_params)."""
+  final = epath.Path(path) / train_checkpoints.FINAL_PARAMS_DIR
+  return str(final) if (final / checkpoints.METADATA_FILE).exists() else path
+
+
+def _check_same_data(model_dir: str, data_state: dict, data_config: input_pipeline.DataConfig) -> None:
+  stored = (data_state.get("mixture_or_task_name"), data_state.get("seed"))
+  if stored != (data_config.mixture_or_task_name, data_config.seed):
+    raise ValueError(f"MODEL_DIR {model_dir} was trained on {stored[0]!r} with seed {stored[1]}, not "
+                     f"{data_config.mixture_or_task_name!r} with seed {data_config.seed}: resuming would not "
+                     "continue its data; use a new MODEL_DIR with INITIAL_CHECKPOINT_PATH")
+
+
+def _write_config(model_dir: str) -> None:
+  if jax.process_index() == 0:
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(model_dir) / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+
+
+def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, preempted, *, log_every,
+          eval_every, eval_batches, eval_split):
+  """Runs steps until `train_steps`; logs, evaluates, checkpoints; stops on SIGTERM or a non-finite loss."""
+  first = int(state.step)
+  metrics: dict[str, float] = {}
+  window = _Throughput(context)
+  progress = tqdm(total=train_steps, initial=first, desc="train", unit="step", disable=jax.process_index() > 0)
+  for _ in range(first, train_steps):
+    batch = next(batches)
+    if context.log_example_ids:
+      _log_example_ids(context.model_dir, int(state.step) + 1, batch)
+    state, step_metrics = step_fn(state, trainer.global_batch(input_pipeline.model_features(batch),
+                                                              context.sharding))
+    step = int(state.step)
+    window.add(batch)
+    progress.update(1)
+    if step % log_every == 0 or step == train_steps:
+      metrics = {**_checked(step_metrics, step, manager), **window.rates()}
+      context.writer.write_scalars(step, metrics)
+      log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items())))
+      progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+    if eval_every and step % eval_every == 0:
+      context.writer.write_scalars(step, _evaluate(state, context, eval_split, eval_batches))
+    if preempted() or manager.should_save(step):
+      _checked(step_metrics, step, manager)
+      train_checkpoints.save(manager, step, state, batches.state(), context.model_config, force=True)
+      if preempted():
+        manager.wait_until_finished()
+        raise Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
+  progress.close()
+  return state, metrics
+
+
+def _checked(step_metrics: dict, step: int, manager) -> dict[str, float]:
+  """Host copies of the step's metrics; raises NonFiniteLoss (before anything is saved) if they are not finite."""
+  values = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+  if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+    raise NonFiniteLoss(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step}; "
+                        f"stopping without saving (last checkpoint: step {manager.latest_step()})")
+  return values
+
+
+class _Throughput:
+  """Tokens/s, examples/s and MFU since the last report."""
+
+  def __init__(self, context: _RunContext):
+    self._context = context
+    self._tokens = self._examples = 0
+    self._start = time.perf_counter()
+    self._flops_per_token = trainer.model_flops_per_token(
+        context.model_config, sum(context.data_config.task_feature_lengths.values()))
+
+  def add(self, batch: dict) -> None:
+    scale = jax.process_count()
+    self._tokens += int((batch["decoder_target_tokens"] != 0).sum()) * scale
+    self._examples += len(input_pipeline.example_hashes(batch)) * scale
+
+  def rates(self) -> dict[str, float]:
+    elapsed = max(time.perf_counter() - self._start, 1e-9)
+    rates = {"tokens_per_second": self._tokens / elapsed, "examples_per_second": self._examples / elapsed}
+    peak = self._context.peak_flops_per_device or _peak_flops(jax.devices()[0].device_kind)
+    if peak:
+      rates["mfu"] = rates["tokens_per_second"] * self._flops_per_token / (peak * jax.device_count())
+    self._tokens = self._examples = 0
+    self._start = time.perf_counter()
+    return rates
+
+
+def _peak_flops(device_kind: str) -> Optional[float]:
+  for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
+    if device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def _evaluate(state, context: _RunContext, split: str, num_batches: int) -> dict[str, float]:
+  """Loss and token accuracy on the first `num_batches` batches of `split` (the same batches every time)."""
+  eval_config = dataclasses.replace(context.data_config, split=split)
+  batches = input_pipeline.BatchIterator(eval_config, shuffle=False, num_epochs=1)
+  eval_fn = _eval_fn(state, context)
+  totals: dict[str, float] = {}
+  for _, batch in zip(range(num_batches), batches):
+    sums = jax.device_get(eval_fn(state.params, trainer.global_batch(input_pipeline.model_features(batch),
+                                                                      context.sharding)))
+    totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+  tokens = max(totals.get("tokens", 0.0), 1.0)
+  return {"eval/loss": totals.get("loss_sum", 0.0) / tokens, "eval/accuracy": totals.get("correct_sum", 0.0) / tokens}
+
+
+def _eval_fn(state, context: _RunContext):
+  model = bloom.Bloom(context.model_config)
+  return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
+
+
+def _log_example_ids(model_dir: str, step: int, batch: dict) -> None:
+  directory = epath.Path(model_dir) / "example_ids"
+  directory.mkdir(parents=True, exist_ok=True)
+  with (directory / f"process_{jax.process_index()}.jsonl").open("a") as handle:
+    handle.write(json.dumps({"step": step, "hashes": input_pipeline.example_hashes(batch)}) + "\n")
+
+
+def _finish(manager, state, batches, model_dir: str, model_config: bloom.BloomConfig) -> None:
+  """Saves the last step, waits for all saves, and writes final_params once."""
+  step = int(state.step)
+  if manager.latest_step() != step:
+    train_checkpoints.save(manager, step, state, batches.state(), model_config, force=True)
+  manager.wait_until_finished()
+  final = epath.Path(model_dir) / train_checkpoints.FINAL_PARAMS_DIR
+  source = f"{model_dir} step {step}"
+  if (final / checkpoints.METADATA_FILE).exists() and checkpoints.read_metadata(str(final))["source"] == source:
+    return
+  if jax.process_index() == 0 and final.exists():
+    final.rmtree()  # the params of an earlier, shorter run of this MODEL_DIR
+  multihost_utils.sync_global_devices("teacherlm_final_params")
+  checkpoints.save_params(str(final), state.params, model_config, source=source)
+
+
+class _sigterm_flag:
+  """Context manager: while inside, SIGTERM only sets a flag, which the loop reads as `preempted()`."""
+
+  def __enter__(self):
+    self._received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return lambda: self._received
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: checkpointing at the end of this step")
+    self._received = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def setup_logging() -> None:
+  """teacherlm_jax messages at INFO on stderr; other libraries' (orbax, absl) at WARNING."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  gin_files, bindings, rest = gin_utils.split_gin_args(sys.argv[1:] if argv is None else argv)
+  if rest:
+    print(f"unknown arguments {rest}; use --gin_file=... and --gin.NAME=VALUE", file=sys.stderr)
+    return 2
+  setup_logging()
+  gin_utils.parse_gin(gin_files, bindings)
+  try:
+    result = gin.get_configurable(train)()
+  except Preempted as stop:
+    log.warning("%s", stop)
+    return 143
+  except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
+    log.error("%s", error)
+    return 1
+  log.info("finished %s at step %d: %s", result.model_dir, result.final_step, result.final_metrics)
+  return 0
+
+
+if __name__ == "__main__":
+  # Run the imported module (the one gin files register), not this __main__ copy of it.
+  from teacherlm_jax import train as train_module
+  sys.exit(train_module.main())
