@@ -34,6 +34,9 @@ class DataConfig:
     seed: shuffle seed (fixed by default, so runs are reproducible).
     pack: pack several examples per row.
     loss_on_targets_only: put the loss on targets only (False: on the whole sequence, as the official release).
+    num_data_shards: how many disjoint shards the data is read in (None: one per process, as T5X). Shard s fills
+      rows [s * B/S, (s+1) * B/S) of every global batch, and each process reads only the shards of its rows, so
+      with a fixed number the global batches, and the training, do not depend on the number of processes.
   """
 
   mixture_or_task_name: str
@@ -43,6 +46,7 @@ class DataConfig:
   seed: int = 0
   pack: bool = True
   loss_on_targets_only: bool = True
+  num_data_shards: Optional[int] = None
 
 
 def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter:
@@ -52,16 +56,24 @@ def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter
 
 def dataset(config: DataConfig, *, shuffle: bool = True, num_epochs: Optional[int] = None,
             process_index: Optional[int] = None, process_count: Optional[int] = None) -> tf.data.Dataset:
-  """This process's batches: dicts of int32 [batch_size / process_count, length] (+ `example_hash`)."""
+  """This process's rows of every global batch: dicts of int32 [batch_size / process_count, length]."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  if config.batch_size % count:
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {count} processes")
+  shards = config.num_data_shards or count
+  if shards % count or config.batch_size % shards:
+    raise ValueError(f"num_data_shards={shards} must be a multiple of the {count} processes and divide "
+                     f"batch_size={config.batch_size}")
   lengths = dict(config.task_feature_lengths)
   lengths[EXAMPLE_HASH] = sum(lengths.values())  # room for one hash per packed example
-  shard = seqio.ShardInfo(index=index, num_shards=count)
-  mixed = mix(config, lengths, shuffle=shuffle, num_epochs=num_epochs, shard_info=shard)
-  return converter(config)(mixed, lengths).batch(config.batch_size // count, drop_remainder=True)
+  per_shard = []
+  for shard in range(index * shards // count, (index + 1) * shards // count):
+    mixed = mix(config, lengths, shuffle=shuffle, num_epochs=num_epochs,
+                shard_info=seqio.ShardInfo(index=shard, num_shards=shards))
+    per_shard.append(converter(config)(mixed, lengths).batch(config.batch_size // shards, drop_remainder=True))
+  if len(per_shard) == 1:
+    return per_shard[0]
+  return tf.data.Dataset.zip(tuple(per_shard)).map(
+      lambda *parts: {name: tf.concat([part[name] for part in parts], axis=0) for name in parts[0]})
 
 
 def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_epochs: Optional[int],

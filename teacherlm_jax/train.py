@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
+from teacherlm_jax import checkpoints, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
 from teacherlm_jax.models import bloom
 
 log = logging.getLogger("teacherlm_jax")
@@ -316,11 +316,13 @@ def setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  gin_files, bindings, rest = gin_utils.split_gin_args(sys.argv[1:] if argv is None else argv)
+  flags, rest = distributed.distributed_flags(sys.argv[1:] if argv is None else argv)
+  gin_files, bindings, rest = gin_utils.split_gin_args(rest)
   if rest:
     print(f"unknown arguments {rest}; use --gin_file=... and --gin.NAME=VALUE", file=sys.stderr)
     return 2
   setup_logging()
+  distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
   gin_utils.parse_gin(gin_files, bindings)
   try:
     result = gin.get_configurable(train)()
