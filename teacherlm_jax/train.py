@@ -56,6 +56,7 @@ class TrainResult:
   start: str
   final_step: int
   final_metrics: dict[str, float]
+  loss_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, loss) at each log step
 
 
 def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataConfig,
@@ -97,11 +98,11 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
   context = _RunContext(model_dir, model_config, data_config, mesh, logical_axis_rules, peak_flops_per_device,
                         log_example_ids)
   with partitioning.activation_rules(mesh, logical_axis_rules), _sigterm_flag() as preempted:
-    state, metrics = _loop(state, batches, step_fn, manager, train_steps, context, preempted,
-                           log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
-                           eval_split=eval_split)
+    state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted,
+                                  log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+                                  eval_split=eval_split)
   _finish(manager, state, batches, model_dir, model_config)
-  return TrainResult(model_dir, start, int(state.step), metrics)
+  return TrainResult(model_dir, start, int(state.step), metrics, curve)
 
 
 @dataclasses.dataclass
@@ -173,6 +174,7 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
   """Runs steps until `train_steps`; logs, evaluates, checkpoints; stops on SIGTERM or a non-finite loss."""
   first = int(state.step)
   metrics: dict[str, float] = {}
+  curve: list[tuple[int, float]] = []
   window = _Throughput(context)
   progress = tqdm(total=train_steps, initial=first, desc="train", unit="step", disable=jax.process_index() > 0)
   for _ in range(first, train_steps):
@@ -186,6 +188,7 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
     progress.update(1)
     if step % log_every == 0 or step == train_steps:
       metrics = {**_checked(step_metrics, step, manager), **window.rates()}
+      curve.append((step, metrics["loss"]))
       context.writer.write_scalars(step, metrics)
       log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items())))
       progress.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -198,7 +201,7 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
         manager.wait_until_finished()
         raise Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
   progress.close()
-  return state, metrics
+  return state, metrics, curve
 
 
 def _checked(step_metrics: dict, step: int, manager) -> dict[str, float]:
