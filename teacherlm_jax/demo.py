@@ -1,11 +1,12 @@
-"""`make demo`: the foundation end to end on the embedded tiny BLOOM.
+"""`make demo`: the project end to end on the embedded tiny default.
 
-Imports a tiny random Hugging Face BLOOM (the committed fixture, made by transformers) into a params checkpoint,
-restores it, scores a few ECQA-style sentences, greedily continues a prompt with the KV cache, and exports the
-checkpoint back to the Hugging Face format. The weights are random, so the continuation is gibberish: the demo shows
-the plumbing, not a trained teacher (later stages of the project train one).
+1. Hugging Face interop: imports a tiny random Hugging Face BLOOM (the committed fixture, made by transformers) into
+   a params checkpoint, scores a few ECQA-style sentences, greedily continues a prompt with the KV cache, and exports
+   the checkpoint back to the Hugging Face format (the weights are random, so the continuation is gibberish).
+2. The TeacherLM curriculum (gin/curriculum/tiny_cpu.gin) on the embedded samples with the tiny model: multi-task,
+   personalization and the three teachers, showing the loss of every stage.
 
-  python -m teacherlm_jax.demo --out outputs/demo
+  python -m teacherlm_jax.demo --out outputs/demo [--skip_curriculum]
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from teacherlm_jax import checkpoints, convert, vocabularies
+from teacherlm_jax import checkpoints, convert, train, vocabularies
 from teacherlm_jax.models import bloom
 
-DEFAULT_HF_DIR = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf_bloom_tiny"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_HF_DIR = REPO / "tests" / "fixtures" / "hf_bloom_tiny"
 SENTENCES = (
     "Q: What kind of people will someone who is in charge of project look for? A: The answer is (C).",
     "Q: What kind of people will someone who is in charge of project look for? A: The answer is (A).",
@@ -61,10 +63,17 @@ def greedy_continuation(model: bloom.Bloom, params: dict, prompt: list[int], new
   return generated
 
 
+def run_curriculum(out: pathlib.Path) -> list[dict]:
+  """The tiny curriculum into `out` (gin/curriculum/tiny_cpu.gin); one summary per stage."""
+  import gin
+  from teacherlm_jax import curriculum, gin_utils
+  gin.clear_config()
+  gin_utils.parse_gin([str(REPO / "gin" / "curriculum" / "tiny_cpu.gin")], [f"MODEL_DIR = '{out}'"])
+  return gin.get_configurable(curriculum.run)()
+
+
 def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
-  """Runs the demo into `out` (replacing an earlier demo there) and returns its summary."""
-  if out.exists():
-    shutil.rmtree(out)
+  """Runs the Hugging Face part of the demo into `out` and returns its summary."""
   ckpt, export = out / "params_checkpoint", out / "hf_export"
   convert.import_hf(str(hf_dir), str(ckpt))
   config = checkpoints.load_config(str(ckpt))
@@ -96,17 +105,32 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--hf_dir", type=pathlib.Path, default=DEFAULT_HF_DIR,
                       help="a Hugging Face BLOOM directory (default: the embedded tiny random BLOOM)")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/demo"))
+  parser.add_argument("--skip_curriculum", action="store_true")
   args = parser.parse_args(argv)
-  summary = run(args.hf_dir, args.out.resolve())
-  print(f"\nBLOOM with {summary['params']:,} parameters (random weights) imported from {args.hf_dir}")
+  out = args.out.resolve()
+  if out.exists():
+    shutil.rmtree(out)  # the demo starts afresh each time
+  summary = run(args.hf_dir, out)
+  print(f"\n1. BLOOM with {summary['params']:,} parameters (random weights) imported from {args.hf_dir}")
   for sentence, score in summary["log_likelihoods"].items():
     print(f"  log p = {score:9.3f}  {sentence}")
   print(f"  greedy continuation of {PROMPT!r}: {summary['greedy_continuation']!r}")
   print(f"  exported to Hugging Face format and re-imported bit-identical: {summary['export_round_trip_bit_identical']}")
+  outputs = dict(summary["outputs"])
+  if not args.skip_curriculum:
+    train.setup_logging()
+    stages = run_curriculum(out / "curriculum")
+    print("\n2. TeacherLM curriculum (tiny model, embedded samples): training loss per stage")
+    for stage in stages:
+      print(f"  {stage['stage']:24s} loss {stage['first_loss']:.3f} -> {stage['final_loss']:.3f}")
+    outputs["curriculum"] = str(out / "curriculum")
+    outputs.update({f"teacher_{name}": str(out / "curriculum" / f"stage3_{name}" / "final_params")
+                    for name in ("fundamental", "cot", "common_mistakes")})
+    outputs["tensorboard"] = f"tensorboard --logdir {out / 'curriculum'}"
   print("\nOutputs:")
-  for name, path in summary["outputs"].items():
-    print(f"  {name:18s} {path}")
-  print(f"  {'summary':18s} {args.out.resolve() / 'demo.json'}")
+  for name, path in outputs.items():
+    print(f"  {name:22s} {path}")
+  print(f"  {'summary':22s} {out / 'demo.json'}")
   return 0
 
 

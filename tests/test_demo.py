@@ -1,0 +1,16 @@
+"""The demo's Hugging Face part: import, score, generate, export, re-import (its curriculum part is tested in
+test_curriculum)."""
+
+import json
+
+from teacherlm_jax import demo
+
+
+def test_demo_round_trips_and_writes_its_outputs(tmp_path):
+  summary = demo.run(demo.DEFAULT_HF_DIR, tmp_path)
+  assert summary["export_round_trip_bit_identical"] is True
+  assert summary["params"] == 81_312 and len(summary["greedy_token_ids"]) == 12
+  scores = list(summary["log_likelihoods"].values())
+  assert all(score < 0 for score in scores) and len(set(scores)) == 3
+  assert (tmp_path / "hf_export" / "config.json").exists() and (tmp_path / "params_checkpoint" / "teacherlm.json")
+  assert json.loads((tmp_path / "demo.json").read_text())["outputs"]["hf_export"] == str(tmp_path / "hf_export")
