@@ -193,7 +193,10 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
       log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items())))
       progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     if eval_every and step % eval_every == 0:
-      context.writer.write_scalars(step, _evaluate(state, context, eval_split, eval_batches))
+      evaluation = _evaluate(state, context, eval_split, eval_batches)
+      context.writer.write_scalars(step, evaluation)
+      log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(evaluation.items())))
+      metrics = {**metrics, **evaluation}
     if preempted() or manager.should_save(step):
       _checked(step_metrics, step, manager)
       train_checkpoints.save(manager, step, state, batches.state(), context.model_config, force=True)

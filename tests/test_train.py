@@ -105,6 +105,15 @@ def test_initial_checkpoint_gives_params_and_a_fresh_optimizer(uninterrupted, tm
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "warm"), _final_params(reference_dir))
 
 
+def test_periodic_evaluation_on_the_validation_split(uninterrupted, tmp_path):
+  reference_dir, _ = uninterrupted
+  result = _train(tmp_path / "eval", 4, INITIAL_CHECKPOINT_PATH=f"'{reference_dir}'",
+                  **{"train.eval_every": 2, "train.eval_batches": 2})
+  assert 0 < result.final_metrics["eval/loss"] < 6.0 and 0 <= result.final_metrics["eval/accuracy"] <= 1
+  with pytest.raises(ValueError, match="no split 'test'"):
+    _train(tmp_path / "eval_missing_split", 2, **{"train.eval_every": 1, "train.eval_split": "'test'"})
+
+
 def test_model_dir_of_another_model_is_refused(uninterrupted):
   reference_dir, _ = uninterrupted
   with pytest.raises(ValueError, match=r"different model \(hidden_size: checkpoint 64 vs configured 32"):
