@@ -16,6 +16,7 @@ also written as a params checkpoint to MODEL_DIR/final_params (what the next cur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -101,6 +102,7 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
     state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted,
                                   log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                                   eval_split=eval_split)
+  context.writer.close()
   _finish(manager, state, batches, model_dir, model_config)
   return TrainResult(model_dir, start, int(state.step), metrics, curve)
 
@@ -120,6 +122,12 @@ class _RunContext:
   def __post_init__(self):
     self.writer = metric_writers.create_default_writer(self.model_dir, just_logging=jax.process_index() > 0)
     self.sharding = trainer.batch_sharding(self.mesh, self.rules)
+
+  @functools.cached_property
+  def eval_fn(self):
+    """jit(params, batch) -> the loss sums of a batch (compiled once per run)."""
+    model = bloom.Bloom(self.model_config)
+    return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
 
 
 def _check_batch(batch_size: int, accumulation_steps: int, mesh: jax.sharding.Mesh) -> None:
@@ -253,19 +261,13 @@ def _evaluate(state, context: _RunContext, split: str, num_batches: int) -> dict
   """Loss and token accuracy on the first `num_batches` batches of `split` (the same batches every time)."""
   eval_config = dataclasses.replace(context.data_config, split=split)
   batches = input_pipeline.BatchIterator(eval_config, shuffle=False, num_epochs=1)
-  eval_fn = _eval_fn(state, context)
   totals: dict[str, float] = {}
   for _, batch in zip(range(num_batches), batches):
-    sums = jax.device_get(eval_fn(state.params, trainer.global_batch(input_pipeline.model_features(batch),
+    sums = jax.device_get(context.eval_fn(state.params, trainer.global_batch(input_pipeline.model_features(batch),
                                                                       context.sharding)))
     totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
   tokens = max(totals.get("tokens", 0.0), 1.0)
   return {"eval/loss": totals.get("loss_sum", 0.0) / tokens, "eval/accuracy": totals.get("correct_sum", 0.0) / tokens}
-
-
-def _eval_fn(state, context: _RunContext):
-  model = bloom.Bloom(context.model_config)
-  return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
 
 
 def _log_example_ids(model_dir: str, step: int, batch: dict) -> None:
