@@ -146,3 +146,19 @@ def test_annotated_record_missing_its_variant_field_names_it(tmp_path):
   with pytest.raises(Exception, match=r"annotated.jsonl line 1, field 'fundamental': missing"):
     tasks.get_mixture_or_task("teacherlm_student_partial_fundamental").get_dataset(
         sequence_length=None, split="train", shuffle=False)
+
+
+def test_teacherdata_from_tfrecord_shards(tmp_path):
+  import tensorflow as tf
+  rows = [json.loads(line) for line in (pathlib.Path(tasks.config.EMBEDDED_DATA) / "teacherdata" /
+                                         "validation.jsonl").read_text().splitlines()]
+  for shard, part in enumerate((rows[:25], rows[25:])):
+    with tf.io.TFRecordWriter(str(tmp_path / f"train.tfrecord-{shard:05d}-of-00002")) as writer:
+      for row in part:
+        feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()])) for k, v in row.items()}
+        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+  gin.bind_parameter("data_root.teacherdata_2m", str(tmp_path))
+  task = tasks.get_mixture_or_task("teacherlm_teacherdata_2m_fundamental")
+  examples = list(task.get_dataset(sequence_length=None, split="train", shuffle=False).as_numpy_iterator())
+  assert [e["example_id"].decode() for e in examples] == [row["id"] for row in rows]
+  assert examples[0]["targets_pretokenized"].decode() == " " + rows[0]["fundamentals"].strip()
