@@ -14,16 +14,19 @@ Both run in one process, on the same weights, the same batch and the same optimi
      under `trainer.jit_train_step` on a (1, -1, 1) mesh of the CPU device(s) inside
      `partitioning.activation_rules`; theirs `torch.optim.AdamW(fused=True)` (what `transformers.Trainer` picks by
      default with torch >= 2.8, param groups as its `get_decay_parameter_names`) after `clip_grad_norm_`;
-  4. `--warmup` steps of each (ours compiles in the first): the first-step losses must agree within `--rtol`, and
-     the gradient norms and second-step losses are printed as a check that the optimizer steps agree too;
+  4. `--warmup` steps of each (ours compiles in the first): the first-step losses must agree within `--rtol`; the
+     gradient norms, the largest parameter difference after the first update and the later warm-up losses are
+     printed as a check that the optimizer steps agree too (BLOOM has no dropout, so train mode is deterministic);
   5. `--steps` timed steps of each, taking turns; ours waits with `block_until_ready` on the metrics, theirs on
      `loss.item()`. Tokens/s = batch_size * seq_len / median seconds per step.
 
 MFU = `trainer.model_flops_per_token(config, seq_len)` x tokens/s / peak FLOP/s, where the peak is an estimate:
-the best rate of a large float32 matmul (numpy's BLAS, every core) measured in the same run.
+the best rate of a large float32 matmul (numpy's BLAS, every core), measured in the same run before and after the
+timed steps. `--profile N` then traces one more step of ours and prints where its time goes.
 
   python bench/train_throughput.py [--hidden_size 512 --num_layers 8 --num_heads 8 --vocab_size 32000]
-      [--batch_size 8 --seq_len 256 --steps 5 --warmup 2] [--learning_rate 1e-4 --weight_decay 0.01] [--json OUT]
+      [--batch_size 8 --seq_len 256 --steps 5 --warmup 2] [--learning_rate 1e-4 --weight_decay 0.01]
+      [--no_scan_layers] [--scan_unroll N] [--profile N] [--json OUT]
 
 torch and transformers are needed only here: `pip install torch==2.13.0 transformers`.
 """
@@ -74,7 +77,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--max_grad_norm", type=float, default=1.0)
   parser.add_argument("--rtol", type=float, default=1e-3, help="largest allowed relative difference of the first "
                       "step's losses")
+  parser.add_argument("--no_scan_layers", action="store_true",
+                      help="ours with its layers unrolled (h_0 ... h_{n-1}) instead of nn.scan")
+  parser.add_argument("--scan_unroll", type=int, default=1,
+                      help="layers per nn.scan iteration (BloomConfig.scan_unroll; num_layers = fully unrolled)")
   parser.add_argument("--peak_size", type=int, default=4096, help="n of the n x n float32 matmul timed for the peak")
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="after timing, trace one more step of ours with jax.profiler and print where its time goes "
+                      "(by kind of op, and the N most expensive XLA ops)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
   args = parser.parse_args(argv)
@@ -109,8 +119,9 @@ def optimizer_config(args: argparse.Namespace) -> trainer.OptimizerConfig:
 
 
 def our_step(args: argparse.Namespace, model: bloom.Bloom, params: dict, tokens: np.ndarray
-             ) -> tuple[Callable[[], dict[str, float]], Callable[[], Any], Any]:
-  """(one train step returning its metrics as floats, a getter of the current params, the mesh).
+             ) -> tuple[Callable[[], dict[str, float]], Callable[[], Any], Any, Callable[[], str]]:
+  """(one train step returning its metrics as floats, a getter of the current params, the mesh, a getter of the
+  compiled step's HLO text).
 
   The step is `trainer.jit_train_step` (state donated, so each call continues from the last) on a
   (data=1, fsdp=all, tensor=1) mesh, called under `partitioning.activation_rules` and waited for with
@@ -131,7 +142,11 @@ def our_step(args: argparse.Namespace, model: bloom.Bloom, params: dict, tokens:
     jax.block_until_ready(metrics)
     return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
 
-  return step, lambda: state.params, mesh
+  def hlo_text() -> str:
+    with partitioning.activation_rules(mesh):
+      return step_fn.lower(state, batch).compile().as_text()
+
+  return step, lambda: state.params, mesh, hlo_text
 
 
 def hf_step(args: argparse.Namespace, torch: Any, hf_model: Any, tokens: np.ndarray) -> Callable[[], dict[str, float]]:
@@ -147,8 +162,8 @@ def hf_step(args: argparse.Namespace, torch: Any, hf_model: Any, tokens: np.ndar
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
   optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.b1, args.b2), eps=args.eps,
                                 fused=True)
-  input_ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))
-  targets = torch.from_numpy(tokens[:, 1:].astype(np.int64))
+  input_ids = torch.from_numpy(np.ascontiguousarray(tokens[:, :-1], dtype=np.int64))
+  targets = torch.from_numpy(np.ascontiguousarray(tokens[:, 1:], dtype=np.int64))  # ForCausalLMLoss views it
 
   def step() -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
@@ -193,6 +208,77 @@ def warm_up(args: argparse.Namespace, calls: dict[str, Callable[[], dict[str, fl
   return {"history": history, "compile_and_first_step_s": compile_s, "param_max_abs_diff_after_step_1": param_diff}
 
 
+def op_kind(name: str, op_name: str) -> str:
+  """A coarse label for one XLA CPU op of the train step, from its HLO name and the jax op_name metadata."""
+  if name.startswith("wrapped_broadcast"):
+    return "broadcasts (mostly zero-filled scan stacks)"
+  if "dynamic-update-slice" in name or "dynamic-slice" in name:
+    return "scan slicing (dynamic-slice / dynamic-update-slice)"
+  if "/reduce" in op_name and name.startswith("iota_reduce"):
+    return "argmax (accuracy metric)"
+  if "ble,ve->blv" in op_name:
+    return "LM head matmuls"
+  if "/self_attention/" in op_name:
+    if "ble,ehtd" in op_name or "blhd,hde" in op_name:
+      return "attention projection matmuls (qkv, dense)"
+    if "bqhd,bkhd" in op_name or "bhqk,bkhd" in op_name:
+      return "attention score / value matmuls"
+    return "attention element-wise (ALiBi bias, mask, softmax)"
+  if "/mlp/" in op_name:
+    return "MLP matmuls" if "dot_general" in op_name else "MLP element-wise (GeLU, bias)"
+  if "layernorm" in op_name or "ln_f" in op_name:
+    return "LayerNorms"
+  if "/while/body/" in op_name:
+    return "loss, cross-entropy, embedding and other ops inside the gradient"
+  if op_name:
+    return "optimizer update and metrics"
+  return "other (copies, ...)"
+
+
+def profile_step(step: Callable[[], Any], hlo: str, top: int) -> None:
+  """Traces one call of `step` with `jax.profiler` and prints the XLA ops' time by kind and the `top` costliest ops.
+
+  Op times are summed over XLA's CPU threads (a few ops run side by side), so the total can differ from the wall
+  time a little.
+  """
+  import collections
+  import glob
+  import re
+
+  ops = {}
+  for line in hlo.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+    if match:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      ops[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
+  with tempfile.TemporaryDirectory() as log_dir:
+    start = time.perf_counter()
+    jax.profiler.start_trace(log_dir)
+    step()
+    jax.profiler.stop_trace()
+    wall = time.perf_counter() - start
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)[0])
+    per_op: collections.Counter = collections.Counter()
+    for plane in data.planes:
+      for line in plane.lines:
+        if not line.name.startswith("tf_XLAEigen"):  # the threads that run XLA's ops
+          continue
+        for event in line.events:
+          if event.name in ops and not event.name.startswith(("while", "call", "conditional")):  # not the loops
+            per_op[event.name] += event.duration_ns / 1e6
+  by_kind: collections.Counter = collections.Counter()
+  for name, ms in per_op.items():
+    by_kind[op_kind(name, ops[name][1])] += ms
+  total = sum(per_op.values())
+  print(f"\nprofile of one more step of ours: {1e3 * wall:.0f} ms wall, {total:.0f} ms in XLA ops")
+  for kind, ms in by_kind.most_common():
+    print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind}")
+  print(f"the {top} costliest XLA ops:")
+  for name, ms in per_op.most_common(top):
+    shape, op_name = ops[name]
+    print(f"  {ms:8.1f} ms  {name:36s} {shape[:40]:40s} {op_name.split('jit(train_step)/')[-1][-90:]}")
+
+
 def relative_diff(a: float, b: float) -> float:
   return abs(a - b) / max(abs(b), 1e-30)
 
@@ -216,6 +302,8 @@ def format_table(figures: dict[str, Any]) -> str:
           ("version", f"jax {figures['versions']['jax']}, flax {figures['versions']['flax']}, "
            f"optax {figures['versions']['optax']}",
            f"torch {figures['versions']['torch']}, transformers {figures['versions']['transformers']}"),
+          ("layers", (f"nn.scan (unroll {figures['scan_unroll']})" if figures["scan_layers"] else
+                      "unrolled (--no_scan_layers)"), "nn.ModuleList"),
           ("threads", f"XLA CPU default (all cores); mesh {figures['mesh']}",
            f"torch.set_num_threads({figures['torch_threads']})")]
   config, shape = figures["config"], figures["inputs"]
@@ -245,7 +333,8 @@ def build_models(args: argparse.Namespace, torch: Any, transformers: Any) -> tup
   hf_model = make_hf_model(args, torch, transformers)
   with tempfile.TemporaryDirectory() as hf_dir:
     hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir)
+    model, params = convert.load_hf_bloom(hf_dir, scan_layers=not args.no_scan_layers,
+                                        scan_unroll=args.scan_unroll)
   return hf_model, model, params
 
 
@@ -263,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   hf_model, model, params = build_models(args, torch, transformers)
   num_params = bloom.count_params(params)
   tokens = make_batch(args)
-  ours, get_params, mesh = our_step(args, model, params, tokens)
+  ours, get_params, mesh, hlo_text = our_step(args, model, params, tokens)
   del params  # the train state holds its own copy; ours is donated from step to step
   calls = {"teacherlm_jax": ours, "transformers": hf_step(args, torch, hf_model, tokens)}
 
@@ -277,11 +366,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
   n_tokens = args.batch_size * args.seq_len
   flops_per_token = trainer.model_flops_per_token(model.config, args.seq_len)
+  peaks = [measure_peak_flops(args.peak_size)]
   before = cpu_seconds()
   timed = time_interleaved(calls, args.steps)
   background = background_cores(before, cpu_seconds())
-  peak = measure_peak_flops(args.peak_size)
-  print(f"estimated peak: {peak / 1e9:.0f} GFLOP/s (best float32 {args.peak_size}^2 matmul in numpy)")
+  peaks.append(measure_peak_flops(args.peak_size))
+  peak = max(peaks)  # before and after timing: the better one is the less disturbed by other processes
+  print(f"estimated peak: {peak / 1e9:.0f} GFLOP/s (best float32 {args.peak_size}^2 matmul in numpy; before / after "
+        f"timing: {peaks[0] / 1e9:.0f} / {peaks[1] / 1e9:.0f})")
   if background is not None and background > 0.1:
     print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
           "not those of an idle machine", file=sys.stderr)
@@ -309,7 +401,8 @@ def main(argv: Optional[list[str]] = None) -> int:
       "warmup": args.warmup, "first_loss_rel_diff": first_diff,
       "param_max_abs_diff_after_step_1": warm["param_max_abs_diff_after_step_1"],
       "compile_and_first_step_s": warm["compile_and_first_step_s"],
-      "peak_flops": peak, "peak_size": args.peak_size, "peak_method": "best float32 n x n matmul, numpy, all cores",
+      "peak_flops": peak, "peak_flops_before_after": peaks, "peak_size": args.peak_size,
+      "scan_layers": model.config.scan_layers, "scan_unroll": model.config.scan_unroll, "peak_method": "best float32 n x n matmul, numpy, all cores",
       "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
       "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
@@ -323,6 +416,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(args.json, "w", encoding="utf-8") as out:
       json.dump(figures, out, indent=2)
     print(f"\nwrote {args.json}")
+  if args.profile:
+    profile_step(calls["teacherlm_jax"], hlo_text(), args.profile)
   return 0
 
 

@@ -278,13 +278,15 @@ def _natural_key(name: str) -> list:
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def load_hf_bloom(hf_dir: str, *, dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
-                  mesh: Optional[jax.sharding.Mesh] = None,
-                  rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES
-                  ) -> tuple[bloom.Bloom, dict]:
-  """(model, params) from a Hugging Face BLOOM directory; `model.apply({"params": params}, ids)` gives logits."""
-  config = bloom_config_from_hf(read_hf_config(hf_dir), dtype=dtype, param_dtype=param_dtype,
-                                scan_layers=scan_layers)
+def load_hf_bloom(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
+                  rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+                  **config_overrides: Any) -> tuple[bloom.Bloom, dict]:
+  """(model, params) from a Hugging Face BLOOM directory; `model.apply({"params": params}, ids)` gives logits.
+
+  `config_overrides` set the BloomConfig fields that are not in the HF config (dtype, param_dtype, scan_layers,
+  scan_unroll, remat_policy, logits_dtype); the defaults are float32 with scanned layers.
+  """
+  config = bloom_config_from_hf(read_hf_config(hf_dir), **config_overrides)
   params = import_hf_params(hf_dir, config, mesh=mesh, rules=rules)
   if mesh is None:
     params = jax.tree.map(jax.numpy.asarray, params)

@@ -150,7 +150,9 @@ def loss_sums(model: bloom.Bloom, params: Any, batch: Batch) -> tuple[jax.Array,
   logits = logits.astype(jnp.float32)
   targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"].astype(jnp.float32)
   token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  # A target is "correct" when its logit is the largest (cheaper than an argmax over the vocabulary; ties count).
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  correct = (target_logits >= logits.max(axis=-1)).astype(jnp.float32)
   total = (token_loss * weights).sum()
   sums = {"loss_sum": total, "correct_sum": (correct * weights).sum(), "tokens": weights.sum(),
           "examples": _count_examples(batch)}

@@ -136,8 +136,10 @@ def test_scan_and_remat_do_not_change_logits_or_grads():
     return model.apply({"params": params}, tokens).astype(jnp.float32).std()
 
   reference_grads = jax.jit(jax.grad(functools.partial(loss, reference_model)))(reference_params)
-  for scan_layers, policy in ((True, "full"), (True, "dots"), (False, "none"), (False, "full")):
-    config = bloom.BloomConfig(**{**TINY.to_dict(), "scan_layers": scan_layers, "remat_policy": policy})
+  for scan_layers, policy, unroll in ((True, "full", 1), (True, "dots", 1), (True, "none", 2), (False, "none", 1),
+                                      (False, "full", 1)):
+    config = bloom.BloomConfig(**{**TINY.to_dict(), "scan_layers": scan_layers, "remat_policy": policy,
+                                  "scan_unroll": unroll})
     model = bloom.Bloom(config)
     params = reference_params if scan_layers else unscanned
     grads = jax.jit(jax.grad(functools.partial(loss, model)))(params)

@@ -58,6 +58,8 @@ class BloomConfig:
     param_dtype: storage dtype of parameters (normally "float32").
     logits_dtype: dtype of the returned logits.
     scan_layers: stack the blocks with `nn.scan` (params get a leading `layers` axis) instead of n separate modules.
+    scan_unroll: layers per scan iteration (1 = a loop; num_layers = fully unrolled, faster on CPU, slower to
+      compile); the params layout does not change.
     remat_policy: "none" or a key of `REMAT_POLICIES`: what the backward pass may keep instead of recomputing.
     initializer_range: std of the normal initializer of kernels and embeddings.
   """
@@ -71,6 +73,7 @@ class BloomConfig:
   param_dtype: str = "float32"
   logits_dtype: str = "float32"
   scan_layers: bool = True
+  scan_unroll: int = 1
   remat_policy: str = "none"
   initializer_range: float = 0.02
 
@@ -261,7 +264,7 @@ def _block_class(config: BloomConfig):
   if config.scan_layers:
     block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+                    unroll=config.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
   return block
 
 
