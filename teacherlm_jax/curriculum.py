@@ -19,7 +19,7 @@ import gin
 import jax
 from etils import epath
 
-from teacherlm_jax import checkpoints, distributed, gin_utils, input_pipeline, train, train_checkpoints, trainer
+from teacherlm_jax import checkpoints, input_pipeline, train, train_checkpoints, trainer
 
 log = train.log
 
@@ -85,28 +85,15 @@ def run(*, model_dir: str, stages: Sequence[Stage], data_config: input_pipeline.
   return [run_stage(stage, model_dir, data_config, optimizer_config, initial_checkpoint_path) for stage in stages]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  flags, rest = distributed.distributed_flags(sys.argv[1:] if argv is None else argv)
-  gin_files, bindings, rest = gin_utils.split_gin_args(rest)
-  if rest:
-    print(f"unknown arguments {rest}; use --gin_file=... and --gin.NAME=VALUE", file=sys.stderr)
-    return 2
-  train.setup_logging()
-  distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
-  gin_utils.parse_gin(gin_files, bindings)
-  try:
-    summaries = gin.get_configurable(run)()
-  except train.Preempted as stop:
-    log.warning("%s", stop)
-    return 143
-  except (train.NonFiniteLoss, ValueError, FileNotFoundError) as error:
-    log.error("%s", error)
-    return 1
+def print_summaries(summaries: list[dict]) -> None:
   if jax.process_index() == 0:
     for summary in summaries:
       print(f"{summary['stage']:28s} {summary['status'][:60]:60s} loss {summary.get('first_loss')} -> "
             f"{summary.get('final_loss')}")
-  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return train.run_entry_point(run, argv, print_summaries)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The training entry point: gin launch, resume vs initialise, exact resume after SIGKILL, SIGTERM, NaN, bad meshes."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -137,10 +137,7 @@ def test_a_half_written_checkpoint_is_ignored(uninterrupted, tmp_path):
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
   config = bloom.BloomConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4)
-  params = jax.tree.map(np.asarray, bloom.init_params(bloom.Bloom(config), jax.random.key(0)))
-  params = jax.tree.map(lambda x: x, params)
-  import flax.linen as nn
-  params = jax.tree.map(np.array, nn.unbox(params))
+  params = jax.tree.map(np.array, nn.unbox(bloom.init_params(bloom.Bloom(config), jax.random.key(0))))
   params["ln_f"]["scale"][0] = np.nan
   checkpoints.save_params(str(tmp_path / "nan_params"), params, config)
   model_dir = tmp_path / "nan_run"
