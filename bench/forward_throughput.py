@@ -146,17 +146,24 @@ def format_table(figures: dict[str, Any]) -> str:
            f"{figures['max_abs_diff']:.2e}\n"
            f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
            f"{background}; Python {figures['versions']['python']}")
+  return markdown_table(rows) + "\n\n" + setup
+
+
+def markdown_table(rows: list[tuple[str, str, str]]) -> str:
+  """A three-column Markdown table whose first row is the header."""
   lines = [f"| {' | '.join(row)} |" for row in rows]
   lines.insert(1, "| --- | --- | --- |")
-  return "\n".join(lines) + "\n\n" + setup
+  return "\n".join(lines)
 
 
-def build_models(args: argparse.Namespace, torch: Any, transformers: Any) -> tuple[Any, bloom.Bloom, dict]:
-  """(HF model, our model, our params): ours loaded from the HF model's `save_pretrained` directory."""
+def build_models(args: argparse.Namespace, torch: Any, transformers: Any,
+                 **config_overrides: Any) -> tuple[Any, bloom.Bloom, dict]:
+  """(HF model, our model, our params): ours loaded from the HF model's `save_pretrained` directory, with
+  `config_overrides` (BloomConfig fields such as scan_layers) applied."""
   hf_model = make_hf_model(args, torch, transformers)
   with tempfile.TemporaryDirectory() as hf_dir:
     hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir)
+    model, params = convert.load_hf_bloom(hf_dir, **config_overrides)
   return hf_model, model, params
 
 

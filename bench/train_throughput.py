@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and timing helpers are shared with the forward benchmark, so both measure alike.
 from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                make_hf_model, time_interleaved)
+                                build_models, markdown_table, time_interleaved)
 
 from teacherlm_jax import convert, partitioning, trainer  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -323,19 +323,7 @@ def format_table(figures: dict[str, Any]) -> str:
            f"matmul in numpy on all cores\n"
            f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
            f"{background}; Python {figures['versions']['python']}")
-  lines = [f"| {' | '.join(row)} |" for row in rows]
-  lines.insert(1, "| --- | --- | --- |")
-  return "\n".join(lines) + "\n\n" + setup
-
-
-def build_models(args: argparse.Namespace, torch: Any, transformers: Any) -> tuple[Any, bloom.Bloom, dict]:
-  """(HF model, our model, our params): ours loaded from the HF model's `save_pretrained` directory."""
-  hf_model = make_hf_model(args, torch, transformers)
-  with tempfile.TemporaryDirectory() as hf_dir:
-    hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir, scan_layers=not args.no_scan_layers,
-                                        scan_unroll=args.scan_unroll)
-  return hf_model, model, params
+  return markdown_table(rows) + "\n\n" + setup
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -349,7 +337,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   torch.set_num_threads(cores)
   print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
 
-  hf_model, model, params = build_models(args, torch, transformers)
+  hf_model, model, params = build_models(args, torch, transformers, scan_layers=not args.no_scan_layers,
+                                         scan_unroll=args.scan_unroll)
   num_params = bloom.count_params(params)
   tokens = make_batch(args)
   ours, get_params, mesh, hlo_text = our_step(args, model, params, tokens)

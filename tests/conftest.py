@@ -29,3 +29,16 @@ def hf_reference() -> dict:
   """input_ids/attention_mask [4, 12] (full, left-padded, right-padded, left-padded rows) and transformers' logits."""
   from safetensors.numpy import load_file
   return load_file(str(FIXTURES / "hf_bloom_tiny_reference.safetensors"))
+
+
+def tf_example(**features) -> bytes:
+  """A serialized tf.train.Example; str/bytes values become bytes features, ints int64 features."""
+  import tensorflow as tf
+  feature = {}
+  for name, value in features.items():
+    if isinstance(value, int):
+      feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+    else:
+      value = value.encode("utf-8") if isinstance(value, str) else value
+      feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()

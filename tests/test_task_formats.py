@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tasks import formats
 from tasks.formats import BadRecord, Location
+from conftest import tf_example
 
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 
@@ -16,18 +17,6 @@ def _records(items):
   good = [(location.line, record) for location, record in items if not isinstance(record, BadRecord)]
   bad = [(location.line, record) for location, record in items if isinstance(record, BadRecord)]
   return good, bad
-
-
-def _example(**features) -> bytes:
-  """A serialized tf.train.Example; str/bytes values become bytes features, ints int64 features."""
-  feature = {}
-  for name, value in features.items():
-    if isinstance(value, int):
-      feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-    else:
-      value = value.encode("utf-8") if isinstance(value, str) else value
-      feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def _write_tfrecord(path: pathlib.Path, examples) -> pathlib.Path:
@@ -94,8 +83,8 @@ def test_jsonl_last_line_without_newline_and_crlf(tmp_path):
 
 def test_tfrecord_bytes_and_int_features(tmp_path):
   path = _write_tfrecord(tmp_path / "train.tfrecord-00000-of-00001", [
-      _example(inputs_pretokenized="Is it true? caf\u00e9", targets_pretokenized="true", idx=0),
-      _example(inputs_pretokenized="second", targets_pretokenized="false", idx=1)])
+      tf_example(inputs_pretokenized="Is it true? caf\u00e9", targets_pretokenized="true", idx=0),
+      tf_example(inputs_pretokenized="second", targets_pretokenized="false", idx=1)])
   items = list(formats.iter_tfrecord(str(path)))
   assert [(location.line, location.unit) for location, _ in items] == [(1, "record"), (2, "record")]
   assert [record for _, record in items] == [
@@ -106,8 +95,8 @@ def test_tfrecord_bytes_and_int_features(tmp_path):
 
 def test_tfrecord_invalid_utf8_names_the_field(tmp_path):
   path = _write_tfrecord(tmp_path / "train.tfrecord", [
-      _example(inputs="fine", targets="fine"), _example(inputs="fine", targets=b"bad \xff\xfe"),
-      _example(inputs="after", targets="ok")])
+      tf_example(inputs="fine", targets="fine"), tf_example(inputs="fine", targets=b"bad \xff\xfe"),
+      tf_example(inputs="after", targets="ok")])
   good, bad = _records(list(formats.iter_tfrecord(str(path))))
   assert good == [(1, {"inputs": "fine", "targets": "fine"}), (3, {"inputs": "after", "targets": "ok"})]
   assert [line for line, _ in bad] == [2]
@@ -117,7 +106,7 @@ def test_tfrecord_invalid_utf8_names_the_field(tmp_path):
 
 
 def test_tfrecord_truncated_file(tmp_path):
-  full = _write_tfrecord(tmp_path / "full.tfrecord", [_example(inputs=f"q{i}", targets=f"a{i}") for i in range(5)])
+  full = _write_tfrecord(tmp_path / "full.tfrecord", [tf_example(inputs=f"q{i}", targets=f"a{i}") for i in range(5)])
   data = full.read_bytes()
   truncated = tmp_path / "truncated.tfrecord"
   truncated.write_bytes(data[:-5])  # cuts into the 5th record's payload/CRC
@@ -128,7 +117,7 @@ def test_tfrecord_truncated_file(tmp_path):
 
 
 def test_tfrecord_corrupted_record_stops_the_file(tmp_path):
-  examples = [_example(inputs=f"q{i}", targets=f"a{i}") for i in range(5)]
+  examples = [tf_example(inputs=f"q{i}", targets=f"a{i}") for i in range(5)]
   full = _write_tfrecord(tmp_path / "full.tfrecord", examples)
   data = bytearray(full.read_bytes())
   record_size = len(data) // 5  # equal-size records: 12-byte header + payload + 4-byte CRC
@@ -142,8 +131,8 @@ def test_tfrecord_corrupted_record_stops_the_file(tmp_path):
   assert "corrupted TFRecord" in bad[0][1].reason and "record 3" in str(bad[0][1])
 
 
-def test_tfrecord_not_an_example(tmp_path):
-  path = _write_tfrecord(tmp_path / "x.tfrecord", [_example(inputs="ok"), b"\xff\xff\xff not a proto"])
+def test_tfrecord_not_antf_example(tmp_path):
+  path = _write_tfrecord(tmp_path / "x.tfrecord", [tf_example(inputs="ok"), b"\xff\xff\xff not a proto"])
   good, bad = _records(list(formats.iter_tfrecord(str(path))))
   assert good == [(1, {"inputs": "ok"})]
   assert [line for line, _ in bad] == [2] and "not a tf.train.Example" in bad[0][1].reason

@@ -14,21 +14,12 @@ import tensorflow as tf
 import tasks
 from tasks import config, formats, sources
 from teacherlm_jax import feature_converters
+from conftest import tf_example
 
 BIG, SMALL = 5000, 40
 BIG_PROMPT, SMALL_PROMPT = "b_big_prompt", "a_small_prompt"  # the small one sorts first
 BIG_FILE = "train.tfrecord-00000-of-00001"
 EMBEDDED_TEACHERDATA = config.EMBEDDED_DATA / "teacherdata" / "train.jsonl"
-
-
-def _example(**features) -> bytes:
-  feature = {}
-  for name, value in features.items():
-    if isinstance(value, int):
-      feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-    else:
-      feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def _write_tfrecord(path: pathlib.Path, examples) -> None:
@@ -47,10 +38,10 @@ def p3_root(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp("p3")
   (root / BIG_PROMPT).mkdir()
   _write_tfrecord(root / BIG_PROMPT / BIG_FILE, (
-      _example(inputs_pretokenized=f"big question {i}", targets_pretokenized=f"big answer {i}", idx=i)
+      tf_example(inputs_pretokenized=f"big question {i}", targets_pretokenized=f"big answer {i}", idx=i)
       for i in range(BIG)))
   _write_tfrecord(root / BIG_PROMPT / "validation.tfrecord-00000-of-00001", (
-      _example(inputs_pretokenized=f"big validation {i}", targets_pretokenized="v", idx=i) for i in range(7)))
+      tf_example(inputs_pretokenized=f"big validation {i}", targets_pretokenized="v", idx=i) for i in range(7)))
   (root / SMALL_PROMPT).mkdir()
   _write_jsonl(root / SMALL_PROMPT / "train.jsonl",
                [{"inputs": f"small question {i}", "targets": f"small answer {i}"} for i in range(SMALL)])
@@ -67,7 +58,7 @@ def muffin_root(tmp_path_factory) -> pathlib.Path:
                [{"inputs": f"muffin jsonl {i}", "targets": f"t{i}"} for i in range(25)])
   (root / "tfrecord_task").mkdir()
   _write_tfrecord(root / "tfrecord_task" / BIG_FILE,
-                  (_example(inputs=f"muffin tfrecord {i}", targets=f"t{i}") for i in range(15)))
+                  (tf_example(inputs=f"muffin tfrecord {i}", targets=f"t{i}") for i in range(15)))
   return root
 
 
