@@ -97,7 +97,7 @@ def render_multiple_choice(location: formats.Location, record: formats.Record, *
   if answer_field not in record or record[answer_field] is None:
     raise formats.BadRecord(location, answer_field, "missing")
   options = record[options_field]
-  letter = _answer_letter(location, record[answer_field], options, answer_field)
+  letter = option_letter(location, record[answer_field], options, answer_field)
   question = rendering.multiple_choice_question(record[question_field], options)
   example_id = str(record.get("id", f"{location.path}:{location.line}"))
   if not for_eval:
@@ -108,7 +108,8 @@ def render_multiple_choice(location: formats.Location, record: formats.Record, *
           "subject": record.get(subject_field, "") if subject_field else ""}
 
 
-def _answer_letter(location: formats.Location, answer: Any, options: Sequence[str], field: str) -> str:
+def option_letter(location: formats.Location, answer: Any, options: Sequence[str], field: str) -> str:
+  """The letter of the right option, from a letter (`C` / `(C)`), a 0-based index or the option's text."""
   if isinstance(answer, bool) or not isinstance(answer, (int, str)):
     raise formats.BadRecord(location, field, f"expected a letter, an index or an option, got {answer!r:.40}")
   if isinstance(answer, int):

@@ -8,6 +8,8 @@ Layout of a params checkpoint directory (what `convert import-hf` writes and tra
                         (or null), "source": free-form provenance}; written after the params, so a directory without
                         it is an incomplete save and is refused
   CKPT/tokenizer.json   (optional) the tokenizer and generation-config files that came with the model
+  CKPT/vocabulary.json  (optional) {"kind": "byte"} or {"kind": "hf_tokenizer", "file": "tokenizer.json"}: the
+                        vocabulary the model was trained with, so annotation and evaluation can pick it up
 
 Paths may be local or any `etils.epath` / `tf.io.gfile` URL such as gs://.
 """
@@ -21,19 +23,25 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+import seqio
 from etils import epath
 
-from teacherlm_jax import partitioning
+from teacherlm_jax import partitioning, vocabularies
 from teacherlm_jax.models import bloom
 
 METADATA_FILE = "teacherlm.json"
 PARAMS_DIR = "params"
+FINAL_PARAMS_DIR = "final_params"  # a training run's params checkpoint, inside its MODEL_DIR
+VOCABULARY_FILE = "vocabulary.json"
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config: Optional[dict] = None,
-                source: str = "") -> None:
-  """Saves `params` (plain arrays, possibly sharded) and their config to `path`; returns when the save is complete."""
+                source: str = "", vocabulary: Optional[seqio.Vocabulary] = None) -> None:
+  """Saves `params` (plain arrays, possibly sharded) and their config to `path`; returns when the save is complete.
+
+  With `vocabulary` (a seqio.ByteVocabulary or a `vocabularies.HfTokenizerVocabulary`), it is recorded too.
+  """
   directory = epath.Path(path)
   if (directory / METADATA_FILE).exists():
     raise FileExistsError(f"{directory} already holds a checkpoint ({METADATA_FILE}); choose a new path")
@@ -46,7 +54,15 @@ def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config:
     checkpointer.wait_until_finished()
   metadata = {"model_config": config.to_dict(), "hf_config": hf_config, "source": source}
   if jax.process_index() == 0:
+    if vocabulary is not None:
+      save_vocabulary(str(directory), vocabulary)
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def resolve(path: str) -> str:
+  """A params checkpoint directory, given it or a finished training run's MODEL_DIR (its final_params)."""
+  final = epath.Path(path) / FINAL_PARAMS_DIR
+  return str(final) if (final / METADATA_FILE).exists() else path
 
 
 def read_metadata(path: str) -> dict:
@@ -106,6 +122,33 @@ def _check_same_model(path: str, stored: bloom.BloomConfig, wanted: bloom.BloomC
   if diff:
     detail = ", ".join(f"{f}: checkpoint {a} vs requested {b}" for f, (a, b) in diff.items())
     raise ValueError(f"{path} holds a different model ({detail})")
+
+
+def save_vocabulary(path: str, vocabulary: seqio.Vocabulary) -> None:
+  """Records the vocabulary in `path/vocabulary.json` (copying the tokenizer file of a Hugging Face tokenizer)."""
+  vocabulary = getattr(vocabulary, "resolved", vocabulary)  # tasks.registration.ConfiguredVocabulary
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    spec = {"kind": "byte"}
+  elif isinstance(vocabulary, vocabularies.HfTokenizerVocabulary):
+    target = epath.Path(path) / "tokenizer.json"
+    if not target.exists():
+      target.write_bytes(epath.Path(vocabulary.tokenizer_path).read_bytes())
+    spec = {"kind": "hf_tokenizer", "file": "tokenizer.json"}
+  else:
+    raise ValueError(f"cannot record vocabulary {vocabulary!r}: only byte and Hugging Face tokenizer vocabularies")
+  (epath.Path(path) / VOCABULARY_FILE).write_text(json.dumps(spec))
+
+
+def load_vocabulary(path: str) -> Optional[seqio.Vocabulary]:
+  """The vocabulary recorded with a checkpoint (or a Hugging Face directory's tokenizer.json); None if neither."""
+  directory = epath.Path(path)
+  spec_path = directory / VOCABULARY_FILE
+  spec = json.loads(spec_path.read_text()) if spec_path.exists() else {"kind": "hf_tokenizer",
+                                                                       "file": "tokenizer.json"}
+  if spec["kind"] == "byte":
+    return vocabularies.byte_vocabulary()
+  tokenizer = directory / spec["file"]
+  return vocabularies.HfTokenizerVocabulary(str(tokenizer)) if tokenizer.exists() else None
 
 
 def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:

@@ -5,17 +5,30 @@ Prompts are left-padded ([batch, prompt_length] with a mask), so every row's nex
 Greedy decoding (temperature 0) or sampling with temperature, top-k and top-p. Every row samples with its own key,
 `fold_in(fold_in(PRNGKey(seed), row_seed), step)`, so with a fixed seed a record's output does not depend on which
 batch, or which position in it, the record landed in.
+
+A row stops at EOS or when its last tokens equal one of `stop_sequences` (token ids of stop strings; the caller
+also cuts the decoded text at the first stop string, see `cut_at_stop_strings`, since a string can be tokenized in
+more than one way). On a mesh (`jit_generate(..., mesh=...)`, called inside `partitioning.activation_rules`) the
+prompts and the KV cache are sharded by the logical axis rules: rows over the data-parallel axes, heads over
+`tensor`; the outputs come back replicated.
+
+`plan_batches` groups prompts of similar length (sorted by length, each batch padded to a bucket length) so that
+little compute goes to padding and only a few prompt shapes are compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from teacherlm_jax import partitioning
 from teacherlm_jax.models import bloom
 
 
@@ -30,6 +43,8 @@ class DecodingConfig:
     top_k: sample among the k most likely tokens (0 = all).
     top_p: sample among the smallest set of tokens whose probability reaches p (1.0 = all).
     pad_id: written after a row has stopped.
+    stop_sequences: token-id sequences that stop a row once its last generated tokens equal one (kept in the
+      output, like EOS).
   """
 
   max_new_tokens: int = 64
@@ -38,6 +53,15 @@ class DecodingConfig:
   top_k: int = 0
   top_p: float = 1.0
   pad_id: int = 0
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"invalid sampling settings: temperature {self.temperature} (>= 0), top_k {self.top_k} "
+                       f"(>= 0), top_p {self.top_p} (in (0, 1])")
+    object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences if s))
 
 
 def filter_logits(logits: jax.Array, config: DecodingConfig) -> jax.Array:
@@ -64,6 +88,44 @@ def next_tokens(logits: jax.Array, keys: jax.Array, config: DecodingConfig) -> j
   return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
 
 
+def stop_sequence_matched(tokens: jax.Array, step: jax.Array, stop_sequences: Sequence[Sequence[int]]) -> jax.Array:
+  """[b] bool: whether the tokens generated up to and including column `step` of tokens [b, n] end with a stop
+  sequence."""
+  matched = jnp.zeros(tokens.shape[:1], bool)
+  for sequence in stop_sequences:
+    length = len(sequence)
+    if length > tokens.shape[1]:
+      continue
+    start = step - length + 1
+    window = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(start, 0), length, axis=1)
+    matched |= (start >= 0) & jnp.all(window == jnp.asarray(sequence, tokens.dtype), axis=1)
+  return matched
+
+
+CACHE_LOGICAL_AXES = {
+    "key": ("batch", "length", "heads", "kv"),
+    "value": ("batch", "length", "heads", "kv"),
+    "positions": ("batch", "length"),
+    "segment_ids": ("batch", "length"),
+    "index": (),
+    "valid_count": ("batch",),
+}
+
+
+def cache_logical_axes(cache) -> dict:
+  """Logical axis names of every cache variable (a leading `layers` axis for scanned layers)."""
+  def axes(path, leaf):
+    names = CACHE_LOGICAL_AXES[path[-1].key]
+    return ("layers",) * (leaf.ndim - len(names)) + names
+  return jax.tree_util.tree_map_with_path(axes, cache)
+
+
+def constrain_cache(cache) -> dict:
+  """Sharding constraints on the cache by the logical axis rules in effect (a no-op outside a mesh context)."""
+  return jax.tree.map(nn.with_logical_constraint, cache, cache_logical_axes(cache),
+                      is_leaf=lambda x: isinstance(x, jax.Array))
+
+
 def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_seeds: jax.Array,
              config: DecodingConfig, seed: int = 0) -> tuple[jax.Array, jax.Array]:
   """Continues left-padded prompts.
@@ -78,7 +140,7 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
     tokens [b, max_new_tokens] int32 (pad_id after a row's EOS) and lengths [b] (generated tokens, EOS included).
   """
   batch, prompt_length = prompt_tokens.shape
-  cache = bloom.init_cache(model, batch, prompt_length + config.max_new_tokens)
+  cache = constrain_cache(bloom.init_cache(model, batch, prompt_length + config.max_new_tokens))
   logits, state = model.apply({"params": params, "cache": cache}, prompt_tokens, prompt_mask, decode=True,
                               mutable=["cache"])
   base = jax.random.key(seed)
@@ -95,10 +157,10 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
     token = jnp.where(done, config.pad_id, token)
     tokens = tokens.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | (token == config.eos_id)
+    done = done | (token == config.eos_id) | stop_sequence_matched(tokens, step, config.stop_sequences)
     step_logits, new_state = model.apply({"params": params, "cache": cache}, token[:, None], decode=True,
                                          mutable=["cache"])
-    return step + 1, new_state["cache"], step_logits[:, -1], tokens, done, lengths
+    return step + 1, constrain_cache(new_state["cache"]), step_logits[:, -1], tokens, done, lengths
 
   init = (jnp.zeros((), jnp.int32), state["cache"], logits[:, -1],
           jnp.full((batch, config.max_new_tokens), config.pad_id, jnp.int32), jnp.zeros((batch,), bool),
@@ -107,14 +169,72 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
   return tokens, lengths
 
 
-def jit_generate(model: bloom.Bloom, config: DecodingConfig, seed: int = 0):
-  """`generate` under jit: (params, prompt_tokens, prompt_mask, row_seeds) -> (tokens, lengths)."""
-  return jax.jit(functools.partial(generate, model, config=config, seed=seed))
+def jit_generate(model: bloom.Bloom, config: DecodingConfig, seed: int = 0, mesh: Optional[Mesh] = None,
+                 rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
+  """`generate` under jit: (params, prompt_tokens, prompt_mask, row_seeds) -> numpy (tokens, lengths).
+
+  With a mesh: explicit shardings (params by the rules, prompt rows over the data-parallel axes, outputs
+  replicated); every process passes the whole batch as host arrays and gets the whole output back. Call it inside
+  `partitioning.activation_rules(mesh, rules)`.
+  """
+  fn = functools.partial(generate, model, config=config, seed=seed)
+  if mesh is None:
+    jitted = jax.jit(fn)
+    return lambda params, *rows: tuple(np.asarray(x) for x in jitted(params, *rows))
+  boxed = partitioning.abstract_params(functools.partial(bloom.init_params, model), jax.random.key(0))
+  rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+  seeds = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(fn, in_shardings=(partitioning.logical_shardings(boxed, mesh, rules), rows, rows, seeds),
+                   out_shardings=(replicated, replicated))
+
+  def call(params, prompt_tokens, prompt_mask, row_seeds):
+    placed = partitioning.shard_host_arrays((prompt_tokens, prompt_mask, row_seeds), (rows, rows, seeds))
+    return tuple(np.asarray(x.addressable_data(0)) for x in jitted(params, *placed))
+  return call
 
 
-def left_pad(rows: list[list[int]], length: Optional[int] = None, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Token lists -> left-padded tokens and mask [len(rows), length]."""
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+  """(text up to the first stop string, whether one was found)."""
+  cuts = [text.find(stop) for stop in stop_strings if stop and stop in text]
+  return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def bucket_length(length: int, max_length: int, minimum: int = 16) -> int:
+  """The padded prompt length for a prompt of `length` tokens: the next power of two (at least `minimum`), capped
+  at `max_length`."""
+  if length > max_length:
+    raise ValueError(f"prompt of {length} tokens is longer than the maximum {max_length}")
+  return min(max(minimum, 1 << max(length - 1, 0).bit_length()), max_length)
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int) -> list[tuple[list[int], int]]:
+  """Groups prompts into batches of similar length.
+
+  Args:
+    lengths: prompt lengths in tokens; batch_size: rows per batch; max_length: the longest allowed prompt.
+
+  Returns:
+    [(indices into `lengths` (at most batch_size), padded prompt length)], prompts sorted by length (ties by index),
+    so the plan depends only on the lengths.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+  batches = []
+  for start in range(0, len(order), batch_size):
+    indices = order[start:start + batch_size]
+    batches.append((indices, bucket_length(max(lengths[i] for i in indices), max_length)))
+  return batches
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: Optional[int] = None, pad_id: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> left-padded tokens and mask, int32 [len(rows), length] numpy arrays."""
   length = length or max(len(row) for row in rows)
-  tokens = [[pad_id] * (length - len(row)) + list(row) for row in rows]
-  mask = [[0] * (length - len(row)) + [1] * len(row) for row in rows]
-  return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    if len(row) > length:
+      raise ValueError(f"row {i} has {len(row)} tokens, more than the padded length {length}")
+    if row:
+      tokens[i, length - len(row):], mask[i, length - len(row):] = row, 1
+  return tokens, mask

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 from tqdm import tqdm
 
+from tasks import config as task_config
 from teacherlm_jax import checkpoints, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
 from teacherlm_jax.models import bloom
 
@@ -149,18 +150,12 @@ def _initial_state(manager, model_dir, model, optimizer, shardings, data_config,
     _check_same_data(model_dir, data_state, data_config)
     return state, int(data_state["batches_consumed"]), f"resuming {model_dir} from its checkpoint at step {latest}"
   if initial_checkpoint_path:
-    path = _params_checkpoint(initial_checkpoint_path)
+    path = checkpoints.resolve(initial_checkpoint_path)
     params = checkpoints.load_params(path, model.config, mesh=mesh, rules=rules)
     state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings, params=params)
     return state, 0, f"initialising params from {path} (INITIAL_CHECKPOINT_PATH; fresh optimizer state, step 0)"
   state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings)
   return state, 0, f"fresh initialisation of {model_dir} (seed {seed})"
-
-
-def _params_checkpoint(path: str) -> str:
-  """A params checkpoint directory, or a finished run's MODEL_DIR (its final_params)."""
-  final = epath.Path(path) / train_checkpoints.FINAL_PARAMS_DIR
-  return str(final) if (final / checkpoints.METADATA_FILE).exists() else path
 
 
 def _check_same_data(model_dir: str, data_state: dict, data_config: input_pipeline.DataConfig) -> None:
@@ -290,7 +285,8 @@ def _finish(manager, state, batches, model_dir: str, model_config: bloom.BloomCo
   if jax.process_index() == 0 and final.exists():
     final.rmtree()  # the params of an earlier, shorter run of this MODEL_DIR
   multihost_utils.sync_global_devices("teacherlm_final_params")
-  checkpoints.save_params(str(final), state.params, model_config, source=source)
+  checkpoints.save_params(str(final), state.params, model_config, source=source,
+                          vocabulary=task_config.task_vocabulary())
 
 
 class _sigterm_flag:

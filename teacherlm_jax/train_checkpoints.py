@@ -21,7 +21,7 @@ from teacherlm_jax import checkpoints
 from teacherlm_jax.models import bloom
 
 CHECKPOINTS_DIR = "checkpoints"
-FINAL_PARAMS_DIR = "final_params"
+FINAL_PARAMS_DIR = checkpoints.FINAL_PARAMS_DIR
 # Fields that must match for a checkpoint to belong to this model (dtypes, remat and scanning may change).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads")
 
