@@ -142,7 +142,7 @@ class Manifest:
 def reason_kind(reason: str) -> str:
   """A reject reason without its particulars (numbers, quoted values), for counting in the summary."""
   kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason.split(" (")[0])
-  return re.sub(r"\d+", "N", kind)[:80]
+  return re.sub(r"(?<![\w-])\d+(?![\w-])", "N", kind)[:80]
 
 
 def merged_rows(entries_by_chunk: Iterator[tuple[list, dict[str, dict[int, dict]]]], merge_record

@@ -76,7 +76,8 @@ def logical_partition_specs(boxed_tree: Any, rules: LogicalAxisRules = DEFAULT_L
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalAxisRules = DEFAULT_LOGICAL_AXIS_RULES) -> Any:
   """`NamedSharding`s for a tree of logically partitioned leaves; checks that every sharded dim divides evenly."""
   specs = logical_partition_specs(boxed_tree, rules)
-  shapes = nn.unbox(boxed_tree)
+  shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   jax.tree_util.tree_map_with_path(lambda path, leaf, spec: _check_divisible(path, leaf.shape, spec, mesh),
                                    shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,

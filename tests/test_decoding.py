@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from teacherlm_jax import convert, decoding
+from teacherlm_jax import convert, decoding, partitioning
+from teacherlm_jax.models import bloom
 
 from conftest import FIXTURES
 
@@ -87,3 +88,70 @@ def test_top_k_and_top_p_filtering():
   assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, True, False, False]]
   everything = decoding.filter_logits(logits, decoding.DecodingConfig(temperature=2.0))
   np.testing.assert_allclose(everything, logits / 2.0)
+
+
+def test_rows_stop_at_a_stop_sequence(tiny):
+  model, params = tiny
+  free, _ = _generate(model, params, PROMPTS, decoding.DecodingConfig(max_new_tokens=8, eos_id=-1))
+  stop = tuple(int(t) for t in free[0, 2:4])  # row 0's third and fourth tokens
+  out, lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(8, eos_id=-1, stop_sequences=(stop,)))
+  for row in range(len(PROMPTS)):
+    ends = [j + 1 for j in range(1, 8) if tuple(free[row, j - 1:j + 1]) == stop]
+    expected = ends[0] if ends else 8
+    assert lengths[row] == expected, row
+    assert list(out[row, :expected]) == list(free[row, :expected]) and not out[row, expected:].any()
+  assert lengths[0] <= 4
+
+
+def test_sharded_generation_on_a_mesh_equals_one_device(tiny):
+  model, params = tiny
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  _, sharded = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
+  assert sharded["word_embeddings"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  for config in (decoding.DecodingConfig(6, eos_id=-1), decoding.DecodingConfig(6, eos_id=-1, temperature=1.0)):
+    expected, expected_lengths = _generate(model, params, PROMPTS, config)
+    tokens, mask = decoding.left_pad(PROMPTS)
+    with partitioning.activation_rules(mesh):
+      out, lengths = decoding.jit_generate(model, config, mesh=mesh)(sharded, tokens, mask, np.arange(4, dtype=np.int32))
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(lengths, expected_lengths)
+
+
+def test_the_cache_is_sharded_by_the_logical_axis_rules(tiny):
+  model, _ = tiny
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  with partitioning.activation_rules(mesh):
+    cache = jax.jit(lambda: decoding.constrain_cache(bloom.init_cache(model, 4, 16)))()
+  layers = cache["h"]["self_attention"]  # scanned layers: a leading layer axis
+  rows = ("data", "fsdp")
+  assert layers["key"].shape == (2, 4, 16, 6, 8)
+  assert layers["key"].sharding.spec == jax.sharding.PartitionSpec(None, rows, None, "tensor")
+  assert layers["value"].sharding.spec == layers["key"].sharding.spec
+  assert layers["positions"].sharding.spec == jax.sharding.PartitionSpec(None, rows)
+  assert cache["valid_count"].sharding.spec == jax.sharding.PartitionSpec(rows)
+
+
+def test_length_buckets_and_batch_plans():
+  assert [decoding.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 100)] == [16, 16, 32, 64, 64, 100, 100]
+  with pytest.raises(ValueError, match="longer than the maximum 100"):
+    decoding.bucket_length(101, 100)
+  plan = decoding.plan_batches([5, 40, 3, 18, 40, 7], batch_size=2, max_length=64)
+  assert plan == [([2, 0], 16), ([5, 3], 32), ([1, 4], 64)]
+  assert sorted(i for indices, _ in plan for i in indices) == list(range(6))
+
+
+def test_decoded_text_is_cut_at_the_first_stop_string():
+  assert decoding.cut_at_stop_strings("a b\nQ: c\n\nd", ["\n\n", "\nQ:"]) == ("a b", True)
+  assert decoding.cut_at_stop_strings("a b", ["\nQ:"]) == ("a b", False)
+  assert decoding.cut_at_stop_strings("a b", []) == ("a b", False)
+
+
+def test_left_pad_and_config_validation():
+  tokens, mask = decoding.left_pad([[5, 6], [7]], length=3)
+  np.testing.assert_array_equal(tokens, [[0, 5, 6], [0, 0, 7]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1], [0, 0, 1]])
+  with pytest.raises(ValueError, match="more than the padded length 1"):
+    decoding.left_pad([[5, 6]], length=1)
+  with pytest.raises(ValueError, match="top_p"):
+    decoding.DecodingConfig(top_p=0.0)
+  assert decoding.DecodingConfig(stop_sequences=([1, 2], [])).stop_sequences == ((1, 2),)

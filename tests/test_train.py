@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from teacherlm_jax import checkpoints, gin_utils, train, train_checkpoints
+from teacherlm_jax import checkpoints, gin_utils, train, train_checkpoints, vocabularies
 from teacherlm_jax.models import bloom
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ def test_fresh_run_learns_and_writes_its_artifacts(uninterrupted):
   assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
   assert list(model_dir.glob("events.out.tfevents.*"))
   assert (model_dir / "final_params" / "teacherlm.json").exists()
+  assert checkpoints.load_vocabulary(str(model_dir / "final_params")) == vocabularies.byte_vocabulary()
 
 
 def test_sigkill_then_restart_is_bit_identical_and_sees_every_example_once(uninterrupted, tmp_path):
