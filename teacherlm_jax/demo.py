@@ -5,6 +5,8 @@
    the checkpoint back to the Hugging Face format (the weights are random, so the continuation is gibberish).
 2. The TeacherLM curriculum (gin/curriculum/tiny_cpu.gin) on the embedded samples with the tiny model: multi-task,
    personalization and the three teachers, showing the loss of every stage.
+3. Annotation: the three tiny teachers annotate an embedded CREAK + ECQA sample (`teacherlm_jax.annotate`), and a few
+   annotated records are printed (a tiny model trained for a minute writes mostly noise; the point is the pipeline).
 
   python -m teacherlm_jax.demo --out outputs/demo [--skip_curriculum]
 """
@@ -72,6 +74,24 @@ def run_curriculum(out: pathlib.Path) -> list[dict]:
   return gin.get_configurable(curriculum.run)()
 
 
+def annotate_sample(curriculum_dir: pathlib.Path, out: pathlib.Path, per_dataset: int = 6):
+  """Annotates the first `per_dataset` embedded CREAK and ECQA evaluation records with the three tiny teachers,
+  sampling as the official release does (do_sample=True: temperature 1, transformers' default top_k 50)."""
+  from teacherlm_jax import annotate, annotation_inputs
+  lines = []
+  for path in (REPO / "tasks/data/creak/validation.jsonl", REPO / "tasks/data/ecqa/test.jsonl"):
+    lines += path.read_text().splitlines()[:per_dataset]
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "input.jsonl").write_text("\n".join(lines) + "\n")
+  teachers = tuple((name, str(curriculum_dir / f"stage3_{name}")) for name in ("fundamental", "cot",
+                                                                                  "common_mistakes"))
+  config = annotate.AnnotationConfig(
+      input=annotation_inputs.InputSpec(str(out / "input.jsonl")), output_dir=str(out / "annotated"),
+      teachers=teachers, max_input_length=384, max_new_tokens=64, temperature=1.0, top_k=50, batch_size=8,
+      chunk_size=8)
+  return annotate.run(config)
+
+
 def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   """Runs the Hugging Face part of the demo into `out` and returns its summary."""
   ckpt, export = out / "params_checkpoint", out / "hf_export"
@@ -127,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     outputs.update({f"teacher_{name}": str(out / "curriculum" / f"stage3_{name}" / "final_params")
                     for name in ("fundamental", "cot", "common_mistakes")})
     outputs["tensorboard"] = f"tensorboard --logdir {out / 'curriculum'}"
+    annotation = annotate_sample(out / "curriculum", out / "annotation")
+    print(f"\n3. Annotation of an embedded CREAK + ECQA sample by the three tiny teachers: {annotation.annotated} "
+          f"records, {sum(annotation.new_tokens.values())} generated tokens")
+    for line in pathlib.Path(annotation.output).read_text().splitlines()[::5]:
+      record = json.loads(line)
+      print(f"  Q: {record.get('sentence') or record.get('q_text')}")
+      for field in ("fundamental", "cot", "error"):
+        print(f"    {field:12s} {record[field][:70]!r}")
+    outputs["annotated"] = annotation.output
   print("\nOutputs:")
   for name, path in outputs.items():
     print(f"  {name:22s} {path}")
