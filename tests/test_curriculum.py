@@ -1,5 +1,6 @@
 """The curriculum: five stage directories, finished stages skipped, an interrupted stage resumed."""
 
+import json
 import pathlib
 import signal
 import subprocess
@@ -88,3 +89,26 @@ def test_a_stage_must_start_from_an_earlier_stage():
   stage = curriculum.Stage("b", "teacherlm_stage3_cot", 1, 1e-3, 8, init_from="a")
   with pytest.raises(ValueError, match="starts from 'a', which is not an earlier stage"):
     curriculum.run(model_dir="/unused", stages=[stage], data_config=None, optimizer_config=None)
+
+
+def test_the_stage3_teachers_annotate_through_annotate_gin(finished, tmp_path):
+  """The default teachers of gin/runs/annotate.gin are the curriculum's stage-3 teachers (byte vocabulary recorded)."""
+  from teacherlm_jax import annotate
+  model_dir, _ = finished
+  sample = tmp_path / "sample.jsonl"
+  sample.write_text("".join((REPO / "tasks/data/creak/validation.jsonl").read_text().splitlines(True)[:3]))
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([str(REPO / "gin" / "runs" / "annotate.gin")], [
+        f"INPUT = '{sample}'", f"OUTPUT_DIR = '{tmp_path / 'out'}'", f"CURRICULUM_DIR = '{model_dir}'",
+        "MAX_NEW_TOKENS = 8", "BATCH_SIZE = 8"])
+    summary = gin.get_configurable(annotate.annotate)()
+  finally:
+    gin.clear_config()
+  assert (summary.records, summary.annotated) == (3, 3)
+  assert all(3 <= n <= 24 for n in summary.new_tokens.values())  # 3 records, 1 to 8 tokens each
+  record = json.loads((tmp_path / "out" / "annotated.jsonl").read_text().splitlines()[0])
+  assert {"fundamental", "cot", "error", "all", "provenance"} <= set(record)
+  teachers = record["provenance"]["teachers"]
+  assert [t["checkpoint"] for t in teachers.values()] == [str(model_dir / f"stage3_{name}") for name in
+                                                          ("fundamental", "cot", "common_mistakes")]
