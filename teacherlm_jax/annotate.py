@@ -127,20 +127,6 @@ def _absolute(path: str) -> str:
   return str(checkpoints.absolute_path(epath.Path(path)))
 
 
-def load_teacher(path: str, mesh: jax.sharding.Mesh, dtype: str,
-                 rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES
-                 ) -> tuple[bloom.Bloom, Any]:
-  """(model, params on the mesh) from a params checkpoint, a training run's MODEL_DIR or a Hugging Face directory."""
-  resolved = checkpoints.resolve(path)
-  if (epath.Path(resolved) / checkpoints.METADATA_FILE).exists():
-    config = dataclasses.replace(checkpoints.load_config(resolved), dtype=dtype)
-    return bloom.Bloom(config), checkpoints.load_params(resolved, config, mesh=mesh, rules=rules)
-  if (epath.Path(path) / "config.json").exists():
-    return convert.load_hf_bloom(path, mesh=mesh, rules=rules, dtype=dtype)
-  raise FileNotFoundError(f"teacher {path}: neither a params checkpoint ({checkpoints.METADATA_FILE}), a training "
-                          "run with final_params, nor a Hugging Face directory (config.json)")
-
-
 def teacher_vocabulary(config: AnnotationConfig, vocabulary: Optional[seqio.Vocabulary]) -> seqio.Vocabulary:
   """The given vocabulary, else the one recorded with the first teacher; all teachers must record the same."""
   recorded = [checkpoints.load_vocabulary(checkpoints.resolve(path)) for _, path in config.teachers]
@@ -217,7 +203,7 @@ def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabula
   """Annotates every uncommitted chunk of the input with one teacher."""
   committed = annotation_store.committed_chunks(config.output_dir, teacher)
   multihost_utils.sync_global_devices(f"annotate_{teacher}_scanned")  # nobody writes before everyone has looked
-  model, params = load_teacher(path, mesh, config.dtype)
+  model, params = convert.load_model(path, mesh=mesh, dtype=config.dtype)
   stop = decoding_config(config, vocabulary)
   generate = decoding.jit_generate(model, stop, config.seed, mesh=mesh)
   process, processes = jax.process_index(), jax.process_count()

@@ -293,6 +293,21 @@ def load_hf_bloom(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
   return bloom.Bloom(config), params
 
 
+def load_model(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
+               rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+               dtype: str = "float32") -> tuple[bloom.Bloom, dict]:
+  """(model, params, on the mesh when given) from a params checkpoint, a training run's MODEL_DIR (its final_params)
+  or a Hugging Face BLOOM directory; `dtype` is the activation dtype."""
+  resolved = checkpoints.resolve(path)
+  if (epath.Path(resolved) / checkpoints.METADATA_FILE).exists():
+    config = dataclasses.replace(checkpoints.load_config(resolved), dtype=dtype)
+    return bloom.Bloom(config), checkpoints.load_params(resolved, config, mesh=mesh, rules=rules)
+  if (epath.Path(path) / CONFIG_FILE).exists():
+    return load_hf_bloom(path, mesh=mesh, rules=rules, dtype=dtype)
+  raise FileNotFoundError(f"{path}: neither a params checkpoint ({checkpoints.METADATA_FILE}), a training run with "
+                          f"final_params, nor a Hugging Face directory ({CONFIG_FILE})")
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 

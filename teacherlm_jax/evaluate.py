@@ -1,0 +1,290 @@
+"""Zero-shot (or k-shot) rank-classification evaluation, as the paper's MMLU protocol (PROMPTS.md).
+
+  python -m teacherlm_jax.evaluate --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'...'" \\
+      --gin.EVAL_TASKS="['teacherlm_eval_mmlu','teacherlm_eval_creak']" [--gin.OUTPUT_DIR="'/tmp/eval'"]
+
+Every example of an evaluation task (`tasks.evaluation`, `tasks.students`) is a context ending in "(" and candidate
+continuations (the option letters). The prediction is the option with the highest log-likelihood
+sum_t log p(option_t | context, option_<t), no length normalisation. Context and option are tokenized separately and
+concatenated (as lm-evaluation-harness does). Each context is encoded once: a prefill pass over the batch of contexts
+fills the KV cache and gives every option's first-token log-probability; options of more than one token are then
+scored in one more call over the cache copied once per option. Contexts are batched by length
+(`decoding.plan_batches`) and sharded over the mesh's data-parallel axes.
+
+k-shot: the first k examples of `shot_split` (for MMLU of the same subject) are prepended as
+`{context}{answer})` joined by spaces; MMLU's header line is kept only once, at the start.
+
+Results: per-task accuracy; for tasks with subjects (MMLU) per subject, per category and overall, both the micro
+average (over questions: `accuracy`) and the macro average over subjects (`subject_macro_accuracy`). Written as
+`OUTPUT_DIR/eval_results.json`, `eval_results.md` and per-example `predictions_<task>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from teacherlm_jax import checkpoints, convert, decoding, partitioning, train
+from teacherlm_jax.models import bloom
+
+log = train.log
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+  """A rank-classification example: the context, the candidate continuations and the index of the right one."""
+
+  context: str
+  options: tuple[str, ...]
+  target: int
+  example_id: str
+  subject: str = ""
+  category: str = ""
+
+
+def task_examples(task_name: str, split: str) -> list[EvalExample]:
+  """The examples of an evaluation task's split, in order."""
+  import tasks  # noqa: F401  (registers our tasks)
+  from tasks import registry
+  task = registry.get_mixture_or_task(task_name)
+  examples = []
+  for features in task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
+    text = {key: value.decode("utf-8") if isinstance(value, bytes) else value for key, value in features.items()}
+    options = tuple(text["options"].split())
+    examples.append(EvalExample(text["inputs"], options, options.index(text["targets"]), text["example_id"],
+                                text.get("subject", ""), text.get("category", "")))
+  return examples
+
+
+def default_split(task_name: str) -> str:
+  """`test` when the task has one, else `validation`."""
+  import tasks  # noqa: F401
+  from tasks import registry
+  splits = registry.get_mixture_or_task(task_name).splits
+  return "test" if "test" in splits else "validation"
+
+
+def with_shots(examples: Sequence[EvalExample], shots: Sequence[EvalExample], num_shots: int) -> list[EvalExample]:
+  """Prepends `num_shots` solved examples (of the same subject, when there are subjects) to every context."""
+  if not num_shots:
+    return list(examples)
+  by_subject = collections.defaultdict(list)
+  for shot in shots:
+    by_subject[shot.subject].append(shot)
+  result = []
+  for example in examples:
+    chosen = by_subject[example.subject][:num_shots]
+    if len(chosen) < num_shots:
+      raise ValueError(f"{num_shots}-shot: only {len(chosen)} shot examples for subject {example.subject!r}")
+    header, _, _ = example.context.partition("Q: ")
+    solved = [f"{shot.context[len(header):]}{shot.options[shot.target]})." for shot in chosen]
+    result.append(dataclasses.replace(example, context=header + " ".join(solved + [example.context[len(header):]])))
+  return result
+
+
+def _repeat_rows(cache, times: int) -> dict:
+  """Every cache row repeated `times` times (row i -> rows i*times ... i*times + times - 1)."""
+  def repeat(leaf, axes):
+    return jnp.repeat(leaf, times, axis=axes.index("batch")) if "batch" in axes else leaf
+  return jax.tree.map(repeat, cache, decoding.cache_logical_axes(cache))
+
+
+def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_mask: jax.Array,
+                option_tokens: jax.Array, option_mask: jax.Array) -> jax.Array:
+  """Log-likelihoods [b, k] of k options per context.
+
+  Args:
+    context_tokens, context_mask: [b, l] left-padded contexts.
+    option_tokens, option_mask: [b, k, t] right-padded option continuations (mask 1 on real tokens).
+  """
+  batch, length = context_tokens.shape
+  _, num_options, option_length = option_tokens.shape
+  cache = decoding.constrain_cache(bloom.init_cache(model, batch, length + option_length))
+  logits, state = model.apply({"params": params, "cache": cache}, context_tokens, context_mask, decode=True,
+                              mutable=["cache"])
+  first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [b, v]
+  scores = jnp.take_along_axis(first, option_tokens[:, :, 0], axis=-1) * option_mask[:, :, 0]
+  if option_length > 1:
+    cache = _repeat_rows(state["cache"], num_options)
+    flat = option_tokens.reshape(batch * num_options, option_length)
+    step_logits, _ = model.apply({"params": params, "cache": decoding.constrain_cache(cache)}, flat[:, :-1],
+                                 decode=True, mutable=["cache"])
+    log_probs = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
+    rest = jnp.take_along_axis(log_probs, flat[:, 1:, None], axis=-1)[..., 0]
+    rest = rest.reshape(batch, num_options, option_length - 1) * option_mask[:, :, 1:]
+    scores = scores + rest.sum(axis=-1)
+  return scores
+
+
+def jit_score(model: bloom.Bloom, mesh: Optional[Mesh] = None,
+              rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
+  """`score_batch` under jit: (params, host context tokens/mask, option tokens/mask) -> numpy [b, k]."""
+  fn = functools.partial(score_batch, model)
+  if mesh is None:
+    jitted = jax.jit(fn)
+    return lambda params, *arrays: np.asarray(jitted(params, *arrays))
+  boxed = partitioning.abstract_params(functools.partial(bloom.init_params, model), jax.random.key(0))
+  rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+  options = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None, "length"), rules))
+  jitted = jax.jit(fn, in_shardings=(partitioning.logical_shardings(boxed, mesh, rules), rows, rows, options,
+                                     options), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def call(params, *arrays):
+    placed = partitioning.shard_host_arrays(arrays, (rows, rows, options, options))
+    return np.asarray(jitted(params, *placed).addressable_data(0))
+  return call
+
+
+def option_arrays(options: Sequence[Sequence[Sequence[int]]], num_options: int, length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-row option token lists -> right-padded tokens and mask [rows, num_options, length]."""
+  tokens = np.zeros((len(options), num_options, length), np.int32)
+  mask = np.zeros_like(tokens)
+  for row, row_options in enumerate(options):
+    for k, ids in enumerate(row_options):
+      tokens[row, k, :len(ids)], mask[row, k, :len(ids)] = ids, 1
+  return tokens, mask
+
+
+def score_examples(examples: Sequence[EvalExample], scorer, vocabulary: seqio.Vocabulary, batch_size: int,
+                   max_length: int, desc: str = "score") -> list[np.ndarray]:
+  """Each example's option log-likelihoods (in the order of `examples`)."""
+  contexts = [vocabulary.encode(example.context)[-max_length:] for example in examples]
+  options = [[vocabulary.encode(option) for option in example.options] for example in examples]
+  if any(not ids for row in options for ids in row):
+    raise ValueError(f"{desc}: an option encodes to no tokens")
+  num_options = max(len(row) for row in options)
+  option_length = max(len(ids) for row in options for ids in row)
+  results: list[Optional[np.ndarray]] = [None] * len(examples)
+  progress = tqdm(total=len(examples), desc=desc, unit="ex", disable=jax.process_index() > 0)
+  for positions, length in decoding.plan_batches([len(c) for c in contexts], batch_size, max_length):
+    rows = positions + [positions[0]] * (batch_size - len(positions))  # filler rows; dropped
+    tokens, mask = decoding.left_pad([contexts[p] for p in rows], length)
+    option_tokens, option_mask = option_arrays([options[p] for p in rows], num_options, option_length)
+    scores = scorer(tokens, mask, option_tokens, option_mask)
+    for row, position in enumerate(positions):
+      results[position] = scores[row, :len(options[position])]
+    progress.update(len(positions))
+  progress.close()
+  return results
+
+
+def accuracy_report(examples: Sequence[EvalExample], scores: Sequence[np.ndarray]) -> dict[str, Any]:
+  """Accuracy, and with subjects: per subject, per category, and the macro average over subjects."""
+  correct = [int(np.argmax(s)) == e.target for e, s in zip(examples, scores)]
+  report: dict[str, Any] = {"examples": len(examples), "accuracy": float(np.mean(correct)) if correct else 0.0}
+  if any(e.subject for e in examples):
+    for key in ("subject", "category"):
+      groups = collections.defaultdict(list)
+      for example, hit in zip(examples, correct):
+        groups[getattr(example, key)].append(hit)
+      report[f"per_{key}"] = {name: {"examples": len(hits), "accuracy": float(np.mean(hits))}
+                              for name, hits in sorted(groups.items())}
+    report["subject_macro_accuracy"] = float(np.mean([v["accuracy"] for v in report["per_subject"].values()]))
+  return report
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]], checkpoint: str) -> str:
+  """The results as Markdown: one row per task, then MMLU's categories."""
+  lines = [f"Checkpoint: `{checkpoint}`", "", "| task | split | shots | examples | accuracy | subject macro |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for task, result in results.items():
+    macro = f"{result['subject_macro_accuracy']:.4f}" if "subject_macro_accuracy" in result else ""
+    lines.append(f"| {task} | {result['split']} | {result['num_shots']} | {result['examples']} | "
+                 f"{result['accuracy']:.4f} | {macro} |")
+  for task, result in results.items():
+    if "per_category" in result:
+      lines += ["", f"{task} per category (micro average over questions):", "", "| category | examples | accuracy |",
+                "| --- | --- | --- |"]
+      lines += [f"| {name} | {value['examples']} | {value['accuracy']:.4f} |"
+                for name, value in result["per_category"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: str, checkpoint: str, results: Mapping[str, Any],
+                  predictions: Mapping[str, list[dict]]) -> None:
+  directory = epath.Path(output_dir)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "eval_results.json").write_text(json.dumps({"checkpoint": checkpoint, "tasks": results}, indent=2))
+  (directory / "eval_results.md").write_text(markdown_table(results, checkpoint))
+  for task, rows in predictions.items():
+    (directory / f"predictions_{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def evaluate_task(task_name: str, scorer, vocabulary: seqio.Vocabulary, *, split: Optional[str], num_shots: int,
+                  shot_split: Optional[str], batch_size: int, max_length: int,
+                  max_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
+  """(result, per-example predictions) of one task."""
+  split = split or default_split(task_name)
+  examples = task_examples(task_name, split)[:max_examples]
+  if num_shots:
+    shots = task_examples(task_name, shot_split or ("dev" if "mmlu" in task_name else "train"))
+    examples = with_shots(examples, shots, num_shots)
+  scores = score_examples(examples, scorer, vocabulary, batch_size, max_length, desc=task_name)
+  result = {"split": split, "num_shots": num_shots, **accuracy_report(examples, scores)}
+  predictions = [{"example_id": e.example_id, "scores": [float(x) for x in s], "prediction": int(np.argmax(s)),
+                  "target": e.target} for e, s in zip(examples, scores)]
+  return result, predictions
+
+
+def run(checkpoint_path: str, eval_tasks: Sequence[str], *, output_dir: Optional[str] = None,
+        vocabulary: Optional[seqio.Vocabulary] = None, split: Optional[str] = None, num_shots: int = 0,
+        shot_split: Optional[str] = None, batch_size: int = 32, max_length: int = 2048,
+        max_examples: Optional[int] = None, mesh_shape: Sequence[int] = (1, -1, 1),
+        dtype: str = "float32") -> dict[str, Any]:
+  """Evaluates a checkpoint (params checkpoint, training run or Hugging Face directory) on `eval_tasks`."""
+  mesh = partitioning.make_mesh(*mesh_shape)
+  model, params = convert.load_model(checkpoint_path, mesh=mesh, dtype=dtype)
+  vocabulary = vocabulary or checkpoints.load_vocabulary(checkpoints.resolve(checkpoint_path))
+  if vocabulary is None:
+    raise FileNotFoundError(f"{checkpoint_path} records no vocabulary; bind VOCABULARY")
+  score = jit_score(model, mesh)
+  results, predictions = {}, {}
+  with partitioning.activation_rules(mesh):
+    for task in eval_tasks:
+      results[task], predictions[task] = evaluate_task(
+          task, lambda *a: score(params, *a), vocabulary, split=split, num_shots=num_shots, shot_split=shot_split,
+          batch_size=batch_size, max_length=max_length, max_examples=max_examples)
+      log.info("%s: accuracy %.4f on %d examples", task, results[task]["accuracy"], results[task]["examples"])
+  if output_dir and jax.process_index() == 0:
+    write_results(output_dir, checkpoint_path, results, predictions)
+  return results
+
+
+@gin.configurable
+def evaluate(*, checkpoint_path: str, eval_tasks: Sequence[str], output_dir: Optional[str] = None,
+             vocabulary: Optional[seqio.Vocabulary] = None, split: Optional[str] = None, num_shots: int = 0,
+             shot_split: Optional[str] = None, batch_size: int = 32, max_length: int = 2048,
+             max_examples: Optional[int] = None, mesh_shape: Sequence[int] = (1, -1, 1),
+             dtype: str = "float32") -> tuple[str, dict[str, Any]]:
+  """The gin entry point (gin/runs/eval.gin); see `run`."""
+  results = run(checkpoint_path, eval_tasks, output_dir=output_dir, vocabulary=vocabulary, split=split,
+                num_shots=num_shots, shot_split=shot_split, batch_size=batch_size, max_length=max_length,
+                max_examples=max_examples, mesh_shape=mesh_shape, dtype=dtype)
+  return checkpoint_path, results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  def report(result: tuple[str, dict[str, Any]]) -> None:
+    if jax.process_index() == 0:
+      print(markdown_table(result[1], result[0]))
+  return train.run_entry_point(evaluate, argv, report)
+
+
+if __name__ == "__main__":
+  from teacherlm_jax import evaluate as evaluate_module
+  sys.exit(evaluate_module.main())
