@@ -1,8 +1,9 @@
 """Student tasks from an annotated JSONL (the annotation loop's output), and from any multiple-choice JSONL (gin only).
 
-Annotated records carry `question` (options inlined; a leading "Q: " is dropped), `answer` ("(C)"), and the
-teachers' `fundamental`, `cot`, `error` (common mistakes) and `all` (prompt + generation, what the official release
-trains on). Student variants, all with inputs `Q: {question} A:`:
+Annotated records carry the original record (in any format of `tasks.samples`: the release's `question` with the
+options inlined and `answer` "(C)", raw ECQA, raw CREAK, ...), and the teachers' `fundamental`, `cot`, `error` (common
+mistakes) and `all` (prompt + generation, what the official release trains on); an annotation may be empty (the
+teacher stopped at once). Student variants, all with inputs `Q: {question} A:`:
 
   answer_only       targets ` The answer is (C).`
   fundamental       ` The answer is (C). The fundamental of this question is: {fundamental}`
@@ -32,13 +33,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import gin
 
-from tasks import formats, rendering
+from tasks import formats, rendering, samples
 from tasks.registration import continuation, register_task
 from tasks.sources import Group, RenderedSource, list_files
 
 VARIANTS = ("answer_only", "fundamental", "cot", "common_mistakes", "all")
 VARIANT_FIELDS = {"fundamental": "fundamental", "cot": "cot", "common_mistakes": "error", "all": "all"}
 VARIANT_TRIGGERS = {"fundamental": "fundamental", "cot": "cot", "common_mistakes": "common_mistakes"}
+ANNOTATION_FIELDS = ("fundamental", "cot", "error", "all", "provenance")
 FEATURES = ("inputs", "targets", "example_id")
 EVAL_FEATURES = ("inputs", "targets", "options", "example_id", "subject")
 
@@ -50,20 +52,18 @@ def _path_groups(name: str, paths: Mapping[str, str]):
   return groups
 
 
-def strip_q_prefix(question: str) -> str:
-  return question[3:] if question.startswith("Q: ") else question
-
-
 def render_annotated(location: formats.Location, record: formats.Record, variant: str) -> dict[str, str]:
   """One student variant of an annotated record."""
   field = VARIANT_FIELDS.get(variant)
-  required = {"question": str, "answer": str, **({field: str} if field else {})}
-  formats.check_fields(location, record, required)
+  if field and not isinstance(record.get(field), str):
+    reason = "missing" if record.get(field) is None else f"expected a string, got {type(record[field]).__name__}"
+    raise formats.BadRecord(location, field, reason)
   example_id = str(record.get("id", f"{location.path}:{location.line}"))
   if variant == "all":
+    formats.check_fields(location, record, {"all": str})
     return {"inputs": "", "targets": record["all"], "example_id": example_id}
-  question = strip_q_prefix(record["question"])
-  targets = rendering.answer_sentence(record["answer"])
+  sample = samples.sample(location, {k: v for k, v in record.items() if k not in ANNOTATION_FIELDS})
+  question, targets = sample.question, rendering.answer_sentence(sample.answer)
   if field:
     targets += f" {rendering.TEACHERS[VARIANT_TRIGGERS[variant]][0]} {record[field].strip()}"
   return {"inputs": f"Q: {question} A:", "targets": continuation(targets), "example_id": example_id}
@@ -97,7 +97,7 @@ def render_multiple_choice(location: formats.Location, record: formats.Record, *
   if answer_field not in record or record[answer_field] is None:
     raise formats.BadRecord(location, answer_field, "missing")
   options = record[options_field]
-  letter = option_letter(location, record[answer_field], options, answer_field)
+  letter = samples.option_letter(location, record[answer_field], options, answer_field)
   question = rendering.multiple_choice_question(record[question_field], options)
   example_id = str(record.get("id", f"{location.path}:{location.line}"))
   if not for_eval:
@@ -106,23 +106,6 @@ def render_multiple_choice(location: formats.Location, record: formats.Record, *
   return {"inputs": rendering.eval_context(question), "targets": letter,
           "options": " ".join(rendering.LETTERS[:len(options)]), "example_id": example_id,
           "subject": record.get(subject_field, "") if subject_field else ""}
-
-
-def option_letter(location: formats.Location, answer: Any, options: Sequence[str], field: str) -> str:
-  """The letter of the right option, from a letter (`C` / `(C)`), a 0-based index or the option's text."""
-  if isinstance(answer, bool) or not isinstance(answer, (int, str)):
-    raise formats.BadRecord(location, field, f"expected a letter, an index or an option, got {answer!r:.40}")
-  if isinstance(answer, int):
-    index = answer
-  elif re.fullmatch(r"\s*\(?[A-Z]\)?\s*", answer):
-    index = rendering.LETTERS.index(rendering.answer_letter(answer))
-  elif answer in options:
-    index = list(options).index(answer)
-  else:
-    raise formats.BadRecord(location, field, f"{answer!r} is neither a letter, an index nor one of the options")
-  if not 0 <= index < len(options):
-    raise formats.BadRecord(location, field, f"answer {answer!r} is out of range for {len(options)} options")
-  return rendering.LETTERS[index]
 
 
 def register_multiple_choice(name: str, paths: Mapping[str, str], question_field: str, options_field: str,

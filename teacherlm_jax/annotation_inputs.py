@@ -34,10 +34,11 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import tensorflow as tf
 
-from tasks import evaluation, formats, rendering, sources, students
+from tasks import formats, samples, sources
 
 OUTPUT_FIELDS = ("fundamental", "cot", "error", "all", "provenance")
-RECORD_FORMATS = ("auto", "question_answer", "ecqa", "creak", "strategyqa", "rank_classification")
+RECORD_FORMATS = samples.RECORD_FORMATS
+Sample = samples.Sample
 Item = tuple[int, formats.Location, Union[formats.Record, formats.BadRecord]]
 
 
@@ -55,17 +56,6 @@ class InputSpec:
   def __post_init__(self):
     if self.record_format not in RECORD_FORMATS:
       raise ValueError(f"record_format {self.record_format!r} is not one of {RECORD_FORMATS}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """A record as the teachers see it: the question (options inlined) and the answer (`(C)` or text)."""
-
-  question: str
-  answer: str
-
-  def prompt(self, teacher: str) -> str:
-    return rendering.teacher_prompt(self.question, self.answer, teacher)
 
 
 def iter_items(spec: InputSpec) -> Iterator[Item]:
@@ -179,67 +169,12 @@ def _plain(value: Any, field: str, location: formats.Location) -> Any:
   return value.item() if isinstance(value, np.generic) else value
 
 
-def detect_format(record: formats.Record) -> str:
-  """The record format `auto` picks for a record."""
-  if "q_text" in record:
-    return "ecqa"
-  if "sentence" in record and "label" in record:
-    return "creak"
-  if "inputs" in record and "targets" in record:
-    return "rank_classification"
-  if isinstance(record.get("answer"), bool):
-    return "strategyqa"
-  return "question_answer"
-
-
-def sample(spec: InputSpec, location: formats.Location, record: formats.Record) -> Sample:
-  """The record as a Sample; raises `formats.BadRecord` naming the field that is wrong."""
+def sample(spec: InputSpec, location: formats.Location, record: formats.Record) -> samples.Sample:
+  """The record as a Sample (`tasks.samples`); a record that already has an output field is refused, since
+  annotating it would overwrite that field. Raises `formats.BadRecord` naming the field."""
   for field in OUTPUT_FIELDS:
     if field in record:
       raise formats.BadRecord(location, field, "the record already has this output field; annotating it would "
                                                "overwrite it (rename the field first)")
-  record_format = detect_format(record) if spec.record_format == "auto" else spec.record_format
-  if record_format == "ecqa":
-    question, letter = evaluation.ecqa_question_and_letter(location, record)
-    return Sample(question, f"({letter})")
-  if record_format in ("creak", "strategyqa"):
-    features = (evaluation.render_creak if record_format == "creak" else evaluation.render_strategyqa)(location,
-                                                                                                        record)
-    return _from_rank_classification(location, features)
-  if record_format == "rank_classification":
-    return _from_rank_classification(location, record)
-  return _question_answer(spec, location, record)
-
-
-def _from_rank_classification(location: formats.Location, record: formats.Record) -> Sample:
-  formats.check_fields(location, record, {"inputs": str, "targets": str})
-  inputs = record["inputs"]
-  start = inputs.find("Q: ")
-  if start < 0 or not inputs.endswith(rendering.ANSWER_PREFIX):
-    raise formats.BadRecord(location, "inputs", f"expected '[header]Q: ...{rendering.ANSWER_PREFIX}', got "
-                                                f"{inputs[-60:]!r}")
-  question = inputs[start + len("Q: "):-len(rendering.ANSWER_PREFIX)]
-  return Sample(question, f"({_letter(location, record['targets'], 'targets')})")
-
-
-def _question_answer(spec: InputSpec, location: formats.Location, record: formats.Record) -> Sample:
-  if spec.options_field:
-    formats.check_fields(location, record, {spec.question_field: str, spec.options_field: list})
-    if record.get(spec.answer_field) is None:
-      raise formats.BadRecord(location, spec.answer_field, "missing")
-    options = record[spec.options_field]
-    letter = students.option_letter(location, record[spec.answer_field], options, spec.answer_field)
-    return Sample(rendering.multiple_choice_question(record[spec.question_field], options), f"({letter})")
-  formats.check_fields(location, record, {spec.question_field: str, spec.answer_field: str})
-  return Sample(students.strip_q_prefix(record[spec.question_field].strip()), record[spec.answer_field].strip())
-
-
-def _letter(location: formats.Location, answer: str, field: str) -> str:
-  try:
-    return rendering.answer_letter(answer)
-  except ValueError as error:
-    raise formats.BadRecord(location, field, str(error)) from error
-
-
-def as_json_line(record: formats.Record) -> str:
-  return json.dumps(record, ensure_ascii=False)
+  fields = samples.Fields(spec.question_field, spec.answer_field, spec.options_field)
+  return samples.sample(location, record, spec.record_format, fields)

@@ -21,6 +21,8 @@ class CausalLMFeatureConverter(seqio.FeatureConverter):
     decoder_segment_ids, decoder_positions   (packing only) which example a token belongs to, and where in it
     example_hash            (with_example_hash only) the `example_hash` of each example in the row, 0-padded
   With `pack=True` several examples share a row, and the segment ids keep them from attending to each other.
+  With `keep_last_tokens=True` an example longer than inputs + targets length keeps its last tokens (as the official
+  release, which keeps the last 2,048), instead of its first; give it untrimmed task features.
   (seqio's own converters refuse extra features when packing; this one packs `example_hash` with the tokens, so
   training can account for every example it consumed.)
   """
@@ -31,9 +33,11 @@ class CausalLMFeatureConverter(seqio.FeatureConverter):
   PACKING_FEATURE_DTYPES = {"decoder_segment_ids": tf.int32, "decoder_positions": tf.int32}
 
   def __init__(self, pack: bool = True, loss_on_targets_only: bool = True, with_example_hash: bool = False,
-               bos_id: int = 0):
-    super().__init__(pack=pack, use_custom_packing_ops=False, apply_length_check=True, bos_id=bos_id)
+               bos_id: int = 0, keep_last_tokens: bool = False):
+    super().__init__(pack=pack, use_custom_packing_ops=False, apply_length_check=not keep_last_tokens,
+                     bos_id=bos_id)
     self._loss_on_targets_only = loss_on_targets_only
+    self._keep_last_tokens = keep_last_tokens
     self._with_example_hash = with_example_hash
     if with_example_hash:
       self.TASK_FEATURES = {**type(self).TASK_FEATURES, EXAMPLE_HASH: Spec(dtype=tf.int32)}
@@ -69,6 +73,9 @@ class CausalLMFeatureConverter(seqio.FeatureConverter):
     if self._with_example_hash:
       lengths[EXAMPLE_HASH] = task_feature_lengths[EXAMPLE_HASH]
     ds = ds.map(self._concatenate, num_parallel_calls=tf.data.AUTOTUNE)
+    if self._keep_last_tokens:
+      ds = ds.map(lambda f: {name: value[-length:] if name in ("tokens", "roles") else value
+                             for name, value in f.items()}, num_parallel_calls=tf.data.AUTOTUNE)
     ds = seqio.utils.trim_and_pack_dataset(ds, lengths) if self.pack else seqio.utils.trim_and_pad_dataset(
         ds, lengths)
     return ds.map(self._to_model_features, num_parallel_calls=tf.data.AUTOTUNE)

@@ -34,6 +34,8 @@ class DataConfig:
     seed: shuffle seed (fixed by default, so runs are reproducible).
     pack: pack several examples per row.
     loss_on_targets_only: put the loss on targets only (False: on the whole sequence, as the official release).
+    keep_last_tokens: an example longer than inputs + targets length keeps its last tokens (the official release
+      keeps the last 2,048) instead of its first.
     num_data_shards: how many disjoint shards the data is read in (None: one per process, as T5X). Shard s fills
       rows [s * B/S, (s+1) * B/S) of every global batch, and each process reads only the shards of its rows, so
       with a fixed number the global batches, and the training, do not depend on the number of processes.
@@ -47,11 +49,13 @@ class DataConfig:
   pack: bool = True
   loss_on_targets_only: bool = True
   num_data_shards: Optional[int] = None
+  keep_last_tokens: bool = False
 
 
 def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter:
   return feature_converters.CausalLMFeatureConverter(
-      pack=config.pack, loss_on_targets_only=config.loss_on_targets_only, with_example_hash=True)
+      pack=config.pack, loss_on_targets_only=config.loss_on_targets_only, with_example_hash=True,
+      keep_last_tokens=config.keep_last_tokens)
 
 
 def dataset(config: DataConfig, *, shuffle: bool = True, num_epochs: Optional[int] = None,
@@ -90,7 +94,7 @@ def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_ep
   datasets = []
   for task, _ in members:
     data = task.get_dataset(sequence_length=lengths, split=config.split, shuffle=shuffle, seed=config.seed,
-                            shard_info=shard_info, num_epochs=1)
+                            shard_info=shard_info, num_epochs=1, trim_output_features=not config.keep_last_tokens)
     data = data.map(lambda example: {name: example[name] for name in features if name in example})
     datasets.append(data.repeat(num_epochs) if num_epochs != 1 else data)
   if len(datasets) == 1:

@@ -51,3 +51,11 @@ def test_example_hashes_are_packed_with_their_examples():
   assert [list(row["example_hash"][row["example_hash"] != 0]) for row in rows] == [[11, 22], [33]]
   np.testing.assert_array_equal(rows[0]["decoder_segment_ids"], [1, 1, 1, 1, 2, 2, 2, 0])
   np.testing.assert_array_equal(rows[1]["decoder_loss_weights"], [0, 0, 0, 1, 1, 1, 0, 0])
+
+
+def test_over_long_examples_keep_their_last_tokens():
+  examples = [{"inputs": [7, 8, 5, 6], "targets": [3, 9, 4, 1]}, {"inputs": [], "targets": [2, 3, 1]}]
+  rows = _convert(examples, {"inputs": 3, "targets": 3}, pack=False, keep_last_tokens=True)
+  np.testing.assert_array_equal(rows[0]["decoder_target_tokens"], [5, 6, 3, 9, 4, 1])  # the last 6, EOS kept
+  np.testing.assert_array_equal(rows[0]["decoder_loss_weights"], [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(rows[1]["decoder_target_tokens"], [2, 3, 1, 0, 0, 0])

@@ -162,3 +162,18 @@ def test_teacherdata_from_tfrecord_shards(tmp_path):
   examples = list(task.get_dataset(sequence_length=None, split="train", shuffle=False).as_numpy_iterator())
   assert [e["example_id"].decode() for e in examples] == [row["id"] for row in rows]
   assert examples[0]["targets_pretokenized"].decode() == " " + rows[0]["fundamentals"].strip()
+
+
+def test_students_from_annotated_raw_records_with_empty_annotations(tmp_path):
+  """The annotation loop keeps records in their own format (raw CREAK here); an annotation may be empty."""
+  record = {"ex_id": "dev_1", "sentence": "Ice is cold.", "label": "true", "fundamental": "", "cot": "It is frozen.",
+            "error": "", "all": "Q: ... Let's think step by step. It is frozen.", "provenance": {"index": 0}}
+  path = _write_jsonl(tmp_path / "annotated.jsonl", [record])
+  students.register_annotated("raw", {"train": path})
+  def first(variant):
+    example = next(tasks.get_mixture_or_task(f"teacherlm_student_raw_{variant}").get_dataset(
+        sequence_length=None, split="train", shuffle=False).as_numpy_iterator())
+    return example["inputs_pretokenized"].decode(), example["targets_pretokenized"].decode()
+  question = "Q: Determine the correctness of the following sentence. Ice is cold. (A) True (B) False A:"
+  assert first("cot") == (question, " The answer is (A). Let's think step by step. It is frozen.")
+  assert first("fundamental") == (question, " The answer is (A). The fundamental of this question is:")
