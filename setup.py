@@ -31,6 +31,7 @@ setuptools.setup(
         "ml_dtypes>=0.6",
         "etils>=1.15",
         "numpy>=2.0",
+        "matplotlib>=3.8",  # the report's plots
     ],
     extras_require={"test": ["pytest>=9"]},
 )

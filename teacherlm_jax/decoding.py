@@ -142,7 +142,7 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
   batch, prompt_length = prompt_tokens.shape
   cache = constrain_cache(bloom.init_cache(model, batch, prompt_length + config.max_new_tokens))
   logits, state = model.apply({"params": params, "cache": cache}, prompt_tokens, prompt_mask, decode=True,
-                              mutable=["cache"])
+                              last_only=True, mutable=["cache"])
   base = jax.random.key(seed)
   row_keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(row_seeds)
 

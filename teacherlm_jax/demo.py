@@ -5,8 +5,12 @@
    the checkpoint back to the Hugging Face format (the weights are random, so the continuation is gibberish).
 2. The TeacherLM curriculum (gin/curriculum/tiny_cpu.gin) on the embedded samples with the tiny model: multi-task,
    personalization and the three teachers, showing the loss of every stage.
-3. Annotation: the three tiny teachers annotate an embedded CREAK + ECQA sample (`teacherlm_jax.annotate`), and a few
-   annotated records are printed (a tiny model trained for a minute writes mostly noise; the point is the pipeline).
+3. Annotation: the three tiny teachers annotate embedded CREAK and ECQA samples (`teacherlm_jax.annotate`), and a
+   few annotated records are printed (a tiny model trained for a minute writes mostly noise; the point is the
+   pipeline).
+4. Students (`teacherlm_jax.students`): tiny students trained on the annotated samples, the answer-only baseline and
+   the augmented variants, multi-task then fine-tuned on CREAK, evaluated by rank classification on CREAK and ECQA.
+5. The report (`teacherlm_jax.report`): Markdown + PNG plots of all of the above; its path is printed.
 
   python -m teacherlm_jax.demo --out outputs/demo [--skip_curriculum]
 """
@@ -74,22 +78,42 @@ def run_curriculum(out: pathlib.Path) -> list[dict]:
   return gin.get_configurable(curriculum.run)()
 
 
-def annotate_sample(curriculum_dir: pathlib.Path, out: pathlib.Path, per_dataset: int = 6):
-  """Annotates the first `per_dataset` embedded CREAK and ECQA evaluation records with the three tiny teachers,
-  sampling as the official release does (do_sample=True: temperature 1, transformers' default top_k 50)."""
+def annotate_samples(curriculum_dir: pathlib.Path, out: pathlib.Path, per_dataset: int = 48) -> dict:
+  """Annotates the first `per_dataset` embedded CREAK and ECQA training records with the three tiny teachers,
+  sampling as the official release does (do_sample=True: temperature 1, transformers' default top_k 50);
+  returns {dataset: AnnotationSummary}."""
   from teacherlm_jax import annotate, annotation_inputs
-  lines = []
-  for path in (REPO / "tasks/data/creak/validation.jsonl", REPO / "tasks/data/ecqa/test.jsonl"):
-    lines += path.read_text().splitlines()[:per_dataset]
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "input.jsonl").write_text("\n".join(lines) + "\n")
   teachers = tuple((name, str(curriculum_dir / f"stage3_{name}")) for name in ("fundamental", "cot",
                                                                                   "common_mistakes"))
-  config = annotate.AnnotationConfig(
-      input=annotation_inputs.InputSpec(str(out / "input.jsonl")), output_dir=str(out / "annotated"),
-      teachers=teachers, max_input_length=384, max_new_tokens=64, temperature=1.0, top_k=50, batch_size=8,
-      chunk_size=8)
-  return annotate.run(config)
+  summaries = {}
+  for dataset in ("creak", "ecqa"):
+    sample = out / dataset / "input.jsonl"
+    sample.parent.mkdir(parents=True, exist_ok=True)
+    lines = (REPO / "tasks" / "data" / dataset / "train.jsonl").read_text().splitlines()[:per_dataset]
+    sample.write_text("\n".join(lines) + "\n")
+    config = annotate.AnnotationConfig(
+        input=annotation_inputs.InputSpec(str(sample)), output_dir=str(out / dataset), teachers=teachers,
+        max_input_length=384, max_new_tokens=64, temperature=1.0, top_k=50, batch_size=16, chunk_size=16)
+    summaries[dataset] = annotate.run(config)
+  return summaries
+
+
+def run_students(out: pathlib.Path, annotated: dict) -> dict:
+  """Tiny students on the annotated samples (gin/runs/students.gin with tiny steps); {variant: {task: acc}}."""
+  import gin
+  from teacherlm_jax import gin_utils, students
+  gin.clear_config()
+  bindings = {"MODEL_DIR": f"'{out}'", "ANNOTATED": repr({name: {"train": path} for name, path in annotated.items()}),
+              "FINETUNE_DATASET": "'creak'", "EVAL_TASKS": "['teacherlm_eval_creak', 'teacherlm_eval_ecqa']",
+              "MULTITASK_STEPS": 20, "FINETUNE_STEPS": 10, "BATCH_SIZE": 8, "LEARNING_RATE": 3e-3,
+              "WARMUP_STEPS": 3, "TASK_FEATURE_LENGTHS": "{'inputs': 128, 'targets': 384}",
+              "train.train.log_every": 5}
+  gin_utils.parse_gin([str(REPO / "gin" / "runs" / "students.gin"), str(REPO / "gin" / "models" / "tiny.gin")],
+                      [f"{name} = {value}" for name, value in bindings.items()])
+  try:
+    return gin.get_configurable(students.run)()
+  finally:
+    gin.clear_config()
 
 
 def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
@@ -147,15 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     outputs.update({f"teacher_{name}": str(out / "curriculum" / f"stage3_{name}" / "final_params")
                     for name in ("fundamental", "cot", "common_mistakes")})
     outputs["tensorboard"] = f"tensorboard --logdir {out / 'curriculum'}"
-    annotation = annotate_sample(out / "curriculum", out / "annotation")
-    print(f"\n3. Annotation of an embedded CREAK + ECQA sample by the three tiny teachers: {annotation.annotated} "
-          f"records, {sum(annotation.new_tokens.values())} generated tokens")
-    for line in pathlib.Path(annotation.output).read_text().splitlines()[::5]:
+    annotations = annotate_samples(out / "curriculum", out / "annotation")
+    print("\n3. Annotation of embedded CREAK and ECQA samples by the three tiny teachers: " + ", ".join(
+        f"{name} {s.annotated} records ({sum(s.new_tokens.values())} tokens)" for name, s in annotations.items()))
+    for line in pathlib.Path(annotations["creak"].output).read_text().splitlines()[:2]:
       record = json.loads(line)
-      print(f"  Q: {record.get('sentence') or record.get('q_text')}")
+      print(f"  Q: {record['sentence']}")
       for field in ("fundamental", "cot", "error"):
         print(f"    {field:12s} {record[field][:70]!r}")
-    outputs["annotated"] = annotation.output
+    results = run_students(out / "students", {name: s.output for name, s in annotations.items()})
+    print("\n4. Students (tiny, a few steps): rank-classification accuracy after fine-tuning on CREAK")
+    for variant, accuracies in results.items():
+      print(f"  {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
+    from teacherlm_jax import report
+    report_path = report.write_report(str(out))
+    print(f"\n5. Report: {report_path}")
+    outputs.update({"annotated_creak": annotations["creak"].output, "annotated_ecqa": annotations["ecqa"].output,
+                    "students": str(out / "students"), "report": report_path})
   print("\nOutputs:")
   for name, path in outputs.items():
     print(f"  {name:22s} {path}")

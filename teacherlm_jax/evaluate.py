@@ -115,7 +115,7 @@ def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_m
   _, num_options, option_length = option_tokens.shape
   cache = decoding.constrain_cache(bloom.init_cache(model, batch, length + option_length))
   logits, state = model.apply({"params": params, "cache": cache}, context_tokens, context_mask, decode=True,
-                              mutable=["cache"])
+                              last_only=True, mutable=["cache"])
   first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [b, v]
   scores = jnp.take_along_axis(first, option_tokens[:, :, 0], axis=-1) * option_mask[:, :, 0]
   if option_length > 1:

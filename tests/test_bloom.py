@@ -175,3 +175,11 @@ def test_config_validation():
     bloom.BloomConfig(remat_policy="sometimes")
   with pytest.raises(ValueError, match="unknown BloomConfig fields"):
     bloom.BloomConfig.from_dict({"hidden": 3})
+
+
+def test_last_only_gives_the_logits_of_the_last_position(hf_tiny_dir, hf_reference):
+  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  ids, mask = hf_reference["input_ids"][:2], hf_reference["attention_mask"][:2]  # full and left-padded rows
+  last = model.apply({"params": params}, ids, mask, last_only=True)
+  assert last.shape == (2, 1, model.config.vocab_size)
+  np.testing.assert_allclose(last[:, 0], model.apply({"params": params}, ids, mask)[:, -1], atol=1e-6, rtol=0)

@@ -280,7 +280,7 @@ class Bloom(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
                segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               decode: bool = False) -> Array:
+               decode: bool = False, last_only: bool = False) -> Array:
     """Computes next-token logits.
 
     Args:
@@ -290,9 +290,11 @@ class Bloom(nn.Module):
       positions: [b, l] position of each token within its segment; derived from the segments when omitted (in
         decode mode: continuing after the valid tokens already in the cache).
       decode: use and update the `cache` collection (apply with `mutable=["cache"]`).
+      last_only: compute the logits of the last position only (a prefill of left-padded prompts needs no more):
+        the LM head, a large part of a small model's forward, then runs on one position per row.
 
     Returns:
-      logits [b, l, v] in `config.logits_dtype`.
+      logits [b, l, v] (or [b, 1, v] with last_only) in `config.logits_dtype`.
     """
     cfg = self.config
     if segment_ids is None:
@@ -314,6 +316,8 @@ class Bloom(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, name=f"h_{i}")(x, positions, segment_ids, decode)
 
+    if last_only:
+      x = x[:, -1:]
     x = _layer_norm(cfg, "ln_f")(x)
     logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
