@@ -7,6 +7,7 @@ Everything is found by walking the run directories:
   annotation runs (summary.json + annotated.jsonl)      annotation lengths and rejects (annotation_lengths.png)
   student runs (students_results.json)                  accuracy per task and variant (student_accuracy.png)
   evaluations (eval_results.json)                       one table row per task
+  learning by teaching (scores.jsonl, rounds.json)      LbT score distribution and accuracy per round (lbt.png)
 The report is `report.md` with the plots next to it (default: <first run_dir>/report/).
 """
 
@@ -85,6 +86,35 @@ def eval_results(run_dirs: Sequence[str]) -> dict[str, dict]:
           for path in _walk(run_dirs, lambda name: name == "eval_results.json")}
 
 
+def lbt_results(run_dirs: Sequence[str]) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+  """({scores.jsonl's run: LbT scores}, {rounds.json's run: per-round log})."""
+  scores = {_label(path.parent, run_dirs): [json.loads(line)["lbt_score"] for line in path.read_text().splitlines()]
+            for path in _walk(run_dirs, lambda name: name == "scores.jsonl")}
+  rounds = {_label(path.parent, run_dirs): json.loads(path.read_text())
+            for path in _walk(run_dirs, lambda name: name == "rounds.json")}
+  return scores, rounds
+
+
+def plot_lbt(scores: dict[str, list[float]], rounds: dict[str, list[dict]], path: epath.Path) -> None:
+  """Left: the distribution of LbT scores per scoring run; right: mean LbT score and held-out accuracy per round."""
+  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for run, values in scores.items():
+    left.hist(values, bins=np.linspace(0, 1, 11), alpha=0.5, label=run)
+  left.set(xlabel="LbT score (students' exam accuracy)", ylabel="candidates", title="LbT score distribution")
+  left.legend(fontsize=7)
+  for run, history in rounds.items():
+    numbers = [entry["round"] for entry in history]
+    right.plot(numbers, [entry["mean_lbt_score"] for entry in history], marker="o", label=f"{run}: mean LbT score")
+    held_out = [entry.get("held_out_accuracy") for entry in history]
+    if all(value is not None for value in held_out):
+      right.plot(numbers, held_out, marker="s", label=f"{run}: held-out accuracy")
+  right.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Learning by teaching, per round")
+  right.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(str(path), dpi=100)
+  plt.close(figure)
+
+
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: epath.Path) -> None:
   """One panel per top-level directory (the curriculum, the students, ...), one line per training run."""
   groups = collections.defaultdict(dict)
@@ -128,6 +158,23 @@ def plot_lengths(stats: dict[str, dict], path: epath.Path) -> None:
   figure.tight_layout()
   figure.savefig(str(path), dpi=100)
   plt.close(figure)
+
+
+def _lbt_markdown(scores: dict[str, list[float]], rounds: dict[str, list[dict]]) -> list[str]:
+  if not (scores or rounds):
+    return []
+  lines = ["## Learning by teaching", "", "![LbT](lbt.png)", "", "| scoring run | candidates | mean LbT score |",
+           "|---|---|---|"]
+  lines += [f"| {run} | {len(values)} | {np.mean(values):.4f} |" for run, values in scores.items()]
+  for run, history in rounds.items():
+    lines += ["", f"`{run}` rounds", "", "| round | mean LbT score | held-out accuracy | DPO reward margin |",
+              "|---|---|---|---|"]
+    for entry in history:
+      held_out = entry.get("held_out_accuracy")
+      margin = entry.get("dpo", {}).get("reward_margin")
+      lines.append(f"| {entry['round']} | {entry['mean_lbt_score']:.4f} | "
+                   f"{'' if held_out is None else f'{held_out:.4f}'} | {'' if margin is None else f'{margin:.4f}'} |")
+  return lines + [""]
 
 
 def _markdown(curves, stats, students, evals) -> list[str]:
@@ -174,16 +221,20 @@ def write_report(*run_dirs: str, out: Optional[str] = None) -> str:
   out_dir.mkdir(parents=True, exist_ok=True)
   curves, stats = loss_curves(run_dirs), annotation_stats(run_dirs)
   students, evals = student_results(run_dirs), eval_results(run_dirs)
+  lbt_scores, lbt_rounds = lbt_results(run_dirs)
+  if lbt_scores or lbt_rounds:
+    plot_lbt(lbt_scores, lbt_rounds, out_dir / "lbt.png")
   if curves:
     plot_curves(curves, out_dir / "training_curves.png")
   if stats:
     plot_lengths(stats, out_dir / "annotation_lengths.png")
   if students:
     plot_accuracy(next(iter(students.values())), out_dir / "student_accuracy.png")
-  if not (curves or stats or students or evals):
-    raise FileNotFoundError(f"nothing to report under {list(run_dirs)}: no training, annotation, student or "
-                            "evaluation runs found")
-  (out_dir / "report.md").write_text("\n".join(_markdown(curves, stats, students, evals)))
+  if not (curves or stats or students or evals or lbt_scores or lbt_rounds):
+    raise FileNotFoundError(f"nothing to report under {list(run_dirs)}: no training, annotation, student, "
+                            "evaluation or LbT runs found")
+  lines = _markdown(curves, stats, students, evals) + _lbt_markdown(lbt_scores, lbt_rounds)
+  (out_dir / "report.md").write_text("\n".join(lines))
   return str(out_dir / "report.md")
 
 
