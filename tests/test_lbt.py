@@ -163,3 +163,16 @@ def test_the_report_shows_lbt(rounds):
   text = pathlib.Path(report.write_report(str(root / "run"))).read_text()
   assert "## Learning by teaching" in text and "| round_0 | 16 |" in text and "| 1 |" in text
   assert (root / "run" / "report" / "lbt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_command_line_runs_through_gin(rounds):
+  root, config, _ = rounds
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  flags = [f"--gin_file={repo}/gin/runs/lbt.gin", f"--gin.INPUT='{config.input.source}'",
+           f"--gin.OUTPUT_DIR='{root / 'run' / 'round_1'}'", f"--gin.TEACHER=('cot', '{config.teacher[1]}')",
+           f"--gin.STUDENTS=['{config.students[0]}']", "--gin.NUM_CANDIDATES=2", "--gin.EXAM_SIZE=2",
+           "--gin.MAX_NEW_TOKENS=12", "--gin.BATCH_SIZE=8"]
+  assert lbt.main(["select"] + flags) == 0
+  assert (root / "run" / "round_1" / "selected" / "annotated.jsonl").exists()
+  assert lbt.main(["pairs"] + flags) == 0
+  assert lbt.main(["unknown"]) == 2
