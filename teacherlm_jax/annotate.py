@@ -234,9 +234,11 @@ def merge(config: AnnotationConfig, started: float) -> AnnotationSummary:
   """Writes annotated.jsonl, rejects.jsonl and summary.json from the committed chunks."""
   stats = {"truncated": 0, "new_tokens": {name: 0 for name, _ in config.teachers}}
 
+  committed = {name: annotation_store.committed_chunks(config.output_dir, name) for name, _ in config.teachers}
+
   def chunk_entries():
     for number, items in annotation_inputs.chunks(annotation_inputs.iter_items(config.input), config.chunk_size):
-      yield items, {name: _committed_entries(config, name, number) for name, _ in config.teachers}
+      yield items, {name: _committed_entries(config, name, number, committed[name]) for name, _ in config.teachers}
 
   def merge_record(item, entries):
     record = merged_record(item, entries, config)
@@ -261,8 +263,9 @@ def merge(config: AnnotationConfig, started: float) -> AnnotationSummary:
   return summary
 
 
-def _committed_entries(config: AnnotationConfig, teacher: str, number: int) -> dict[int, dict]:
-  processes = annotation_store.committed_chunks(config.output_dir, teacher).get(number)
+def _committed_entries(config: AnnotationConfig, teacher: str, number: int, committed: dict[int, int]
+                       ) -> dict[int, dict]:
+  processes = committed.get(number)
   if processes is None:
     raise RuntimeError(f"chunk {number} of teacher {teacher} is not committed in {config.output_dir}")
   return annotation_store.read_chunk(config.output_dir, teacher, number, processes)
