@@ -7,8 +7,9 @@
 M1 scoring (`score`), in OUTPUT_DIR:
   candidates/<k>/   K candidate rationales per teaching problem: the annotation loop (`teacherlm_jax.annotate`) with
                     the one teacher, sampling with seed SEED + k (resumable per chunk like any annotation run)
-  exams.jsonl       for each teaching problem, EXAM_SIZE exam problems of the same task: `random` (seeded, never the
-                    problem itself) or `lexical` (the most similar questions by word-set Jaccard overlap)
+  exams.jsonl       for each teaching problem, EXAM_SIZE exam problems of the same task (a record's `task` field, else
+                    its input file): `random` (seeded, never the problem itself) or `lexical` (the most similar
+                    questions by word-set Jaccard overlap)
   scores.jsonl      one row per (problem, candidate): the rationale, `lbt_score` = the students' exam accuracy when
                     the candidate (its full annotated text: question, answer, trigger, rationale) is the in-context
                     example before each exam question (rank classification, `teacherlm_jax.evaluate`), and
@@ -94,12 +95,14 @@ class LbtConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """A rank-classifiable problem: its input index, question (options inlined), option letters and gold letter."""
+  """A rank-classifiable problem: its input index, question (options inlined), option letters, gold letter and task
+  (the record's `task` field, else its input file)."""
 
   index: int
   question: str
   letters: tuple[str, ...]
   answer: str
+  task: str = ""
 
 
 def option_letters(question: str) -> tuple[str, ...]:
@@ -125,7 +128,7 @@ def read_problems(spec: annotation_inputs.InputSpec) -> list[Problem]:
       letter, letters = rendering.answer_letter(sample.answer), option_letters(sample.question)
       if letter not in letters:
         raise ValueError(f"answer {letter} is not among the options {letters}")
-      problems.append(Problem(index, sample.question, letters, letter))
+      problems.append(Problem(index, sample.question, letters, letter, str(record.get("task", location.path))))
     except (formats.BadRecord, ValueError) as error:
       skipped += 1
       log.warning("LbT: %s: not a rank-classification problem, skipped (%s)", location, error)
@@ -139,9 +142,11 @@ def choose_exams(problems: Sequence[Problem], pool: Sequence[Problem], exam_size
   exams = {}
   words = [set(re.findall(r"\w+", p.question.lower())) for p in pool]
   for problem in problems:
-    allowed = [j for j, p in enumerate(pool) if not (same_pool and p.index == problem.index)]
+    allowed = [j for j, p in enumerate(pool) if not (same_pool and p.index == problem.index)
+               and (not same_pool or p.task == problem.task)]
     if len(allowed) < exam_size:
-      raise ValueError(f"exam_size {exam_size} is larger than the {len(allowed)} problems of the exam pool")
+      raise ValueError(f"exam_size {exam_size} is larger than the {len(allowed)} problems of the exam pool for "
+                       f"problem {problem.index} (task {problem.task!r})")
     if strategy == "random":
       chosen = np.random.default_rng([seed, problem.index]).choice(allowed, exam_size, replace=False)
     else:

@@ -66,6 +66,9 @@ def test_option_letters_and_exam_choice_are_deterministic():
   assert lexical == {0: [2, 3]}  # "ice is hot" and "snow is cold" share the most words with "ice is cold"
   with pytest.raises(ValueError, match="larger than the 4 problems"):
     lbt.choose_exams(pool, pool, 5, "random", seed=0, same_pool=True)
+  two_tasks = [lbt.Problem(p.index, p.question, p.letters, p.answer, task="ab"[p.index % 2]) for p in pool]
+  same_task = lbt.choose_exams(two_tasks, two_tasks, 1, "random", seed=0, same_pool=True)
+  assert all(exam[0] % 2 == index % 2 for index, exam in same_task.items())  # exams come from the same task
 
 
 def test_selection_and_weighted_vote_on_hand_made_scores():
