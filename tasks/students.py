@@ -28,7 +28,6 @@ A multiple-choice dataset registers `teacherlm_eval_<name>` (rank classification
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import gin

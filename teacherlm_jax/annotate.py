@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from tasks import formats, rendering
 from teacherlm_jax import annotation_inputs, annotation_store, checkpoints, convert, decoding, partitioning, train
-from teacherlm_jax.models import bloom
 
 TOO_LONG_POLICIES = ("truncate_left", "reject")
 log = train.log

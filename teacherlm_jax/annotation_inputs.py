@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import bloom
@@ -178,20 +178,8 @@ def jit_generate(model: bloom.Bloom, config: DecodingConfig, seed: int = 0, mesh
   `partitioning.activation_rules(mesh, rules)`.
   """
   fn = functools.partial(generate, model, config=config, seed=seed)
-  if mesh is None:
-    jitted = jax.jit(fn)
-    return lambda params, *rows: tuple(np.asarray(x) for x in jitted(params, *rows))
-  boxed = partitioning.abstract_params(functools.partial(bloom.init_params, model), jax.random.key(0))
-  rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
-  seeds = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(fn, in_shardings=(partitioning.logical_shardings(boxed, mesh, rules), rows, rows, seeds),
-                   out_shardings=(replicated, replicated))
-
-  def call(params, prompt_tokens, prompt_mask, row_seeds):
-    placed = partitioning.shard_host_arrays((prompt_tokens, prompt_mask, row_seeds), (rows, rows, seeds))
-    return tuple(np.asarray(x.addressable_data(0)) for x in jitted(params, *placed))
-  return call
+  return partitioning.jit_host_io(fn, functools.partial(bloom.init_params, model),
+                                  [("batch", "length"), ("batch", "length"), ("batch",)], mesh, rules)
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:

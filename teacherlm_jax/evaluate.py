@@ -28,14 +28,13 @@ import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from teacherlm_jax import checkpoints, convert, decoding, partitioning, train
@@ -133,20 +132,9 @@ def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_m
 def jit_score(model: bloom.Bloom, mesh: Optional[Mesh] = None,
               rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   """`score_batch` under jit: (params, host context tokens/mask, option tokens/mask) -> numpy [b, k]."""
-  fn = functools.partial(score_batch, model)
-  if mesh is None:
-    jitted = jax.jit(fn)
-    return lambda params, *arrays: np.asarray(jitted(params, *arrays))
-  boxed = partitioning.abstract_params(functools.partial(bloom.init_params, model), jax.random.key(0))
-  rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
-  options = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None, "length"), rules))
-  jitted = jax.jit(fn, in_shardings=(partitioning.logical_shardings(boxed, mesh, rules), rows, rows, options,
-                                     options), out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-  def call(params, *arrays):
-    placed = partitioning.shard_host_arrays(arrays, (rows, rows, options, options))
-    return np.asarray(jitted(params, *placed).addressable_data(0))
-  return call
+  rows, options = ("batch", "length"), ("batch", None, "length")
+  return partitioning.jit_host_io(functools.partial(score_batch, model), functools.partial(bloom.init_params, model),
+                                  [rows, rows, options, options], mesh, rules)
 
 
 def option_arrays(options: Sequence[Sequence[Sequence[int]]], num_options: int, length: int

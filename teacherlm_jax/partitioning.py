@@ -118,6 +118,28 @@ def shard_host_arrays(arrays: Any, shardings: Any) -> Any:
   return jax.tree.map(place, arrays, shardings)
 
 
+def jit_host_io(fn: Callable[..., Any], init_fn: Callable[[jax.Array], Any], input_axes: Sequence[tuple],
+                mesh: Optional[Mesh] = None, rules: LogicalAxisRules = DEFAULT_LOGICAL_AXIS_RULES
+                ) -> Callable[..., Any]:
+  """`fn(params, *inputs)` under jit, called with host (numpy) inputs and returning numpy outputs.
+
+  With a mesh: params laid out as `init_fn`'s logical axes say, input i sharded by its logical axes `input_axes[i]`
+  (e.g. ("batch", "length")), outputs replicated. Every process passes the whole inputs and gets the whole outputs
+  (multi-host too). Call it inside `activation_rules(mesh, rules)`.
+  """
+  if mesh is None:
+    jitted = jax.jit(fn)
+    return lambda params, *inputs: jax.tree.map(np.asarray, jitted(params, *inputs))
+  params = logical_shardings(abstract_params(init_fn, jax.random.key(0)), mesh, rules)
+  inputs = tuple(NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules)) for axes in input_axes)
+  jitted = jax.jit(fn, in_shardings=(params,) + inputs, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def call(params, *host_inputs):
+    outputs = jitted(params, *shard_host_arrays(tuple(host_inputs), inputs))
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), outputs)
+  return call
+
+
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules: LogicalAxisRules = DEFAULT_LOGICAL_AXIS_RULES) -> Iterator[None]:
   """Context for model calls on a mesh, so activations get their sharding constraints:
