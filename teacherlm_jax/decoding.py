@@ -189,11 +189,17 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bo
 
 
 def bucket_length(length: int, max_length: int, minimum: int = 16) -> int:
-  """The padded prompt length for a prompt of `length` tokens: the next power of two (at least `minimum`), capped
-  at `max_length`."""
+  """The padded prompt length for a prompt of `length` tokens: rounded up to a multiple of a quarter of the largest
+  power of two below it (at least `minimum`), capped at `max_length`. Four buckets per power of two: few shapes to
+  compile, and padding under a quarter of the prompt's length once prompts are longer than 4 x minimum.
+
+  E.g. 100 -> 112, 130 -> 160, 1000 -> 1024.
+  """
   if length > max_length:
     raise ValueError(f"prompt of {length} tokens is longer than the maximum {max_length}")
-  return min(max(minimum, 1 << max(length - 1, 0).bit_length()), max_length)
+  octave = 1 << max((length - 1).bit_length() - 1, 0)  # the largest power of two below length
+  step = max(minimum, octave // 4)
+  return min(max(minimum, -(-length // step) * step), max_length)
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int) -> list[tuple[list[int], int]]:

@@ -132,11 +132,12 @@ def test_the_cache_is_sharded_by_the_logical_axis_rules(tiny):
 
 
 def test_length_buckets_and_batch_plans():
-  assert [decoding.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 100)] == [16, 16, 32, 64, 64, 100, 100]
+  assert [decoding.bucket_length(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [16, 16, 32, 48, 64, 80, 100]
+  assert [decoding.bucket_length(n, 4096) for n in (100, 130, 1000, 1025)] == [112, 160, 1024, 1280]
   with pytest.raises(ValueError, match="longer than the maximum 100"):
     decoding.bucket_length(101, 100)
   plan = decoding.plan_batches([5, 40, 3, 18, 40, 7], batch_size=2, max_length=64)
-  assert plan == [([2, 0], 16), ([5, 3], 32), ([1, 4], 64)]
+  assert plan == [([2, 0], 16), ([5, 3], 32), ([1, 4], 48)]
   assert sorted(i for indices, _ in plan for i in indices) == list(range(6))
 
 
