@@ -167,14 +167,16 @@ def prepare_chunk(items: Sequence[annotation_inputs.Item], teacher: str, config:
   return rejects, rows
 
 
-def decode_rows(rows: Sequence[tuple[int, list[int], int]], generate_fn, config: AnnotationConfig
-                ) -> dict[int, tuple[np.ndarray, int]]:
-  """{index: (generated tokens [max_new_tokens], number generated)}, batched by prompt length."""
+def decode_rows(rows: Sequence[tuple[int, list[int], int]], generate_fn, config: AnnotationConfig,
+                row_multiple: int = 1) -> dict[int, tuple[np.ndarray, int]]:
+  """{index: (generated tokens [max_new_tokens], number generated)}, batched by prompt length; `row_multiple` is the
+  data-parallel mesh size (a partial batch is padded to a multiple of it)."""
   results = {}
   plan = decoding.plan_batches([len(ids) for _, ids, _ in rows], config.batch_size, config.max_input_length)
   for positions, length in plan:
     batch = [rows[p] for p in positions]
-    batch += [batch[0]] * (config.batch_size - len(batch))  # filler rows; their outputs are dropped
+    filler = decoding.batch_rows(len(batch), config.batch_size, row_multiple) - len(batch)
+    batch += [batch[0]] * filler  # their outputs are dropped
     tokens, mask = decoding.left_pad([ids for _, ids, _ in batch], length)
     seeds = np.asarray([index for index, _, _ in batch], np.int32)
     generated, lengths = generate_fn(tokens, mask, seeds)
@@ -206,6 +208,7 @@ def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabula
   stop = decoding_config(config, vocabulary)
   generate = decoding.jit_generate(model, stop, config.seed, mesh=mesh)
   process, processes = jax.process_index(), jax.process_count()
+  row_multiple = partitioning.data_parallel_size(mesh)
   manifest = annotation_store.Manifest(config.output_dir, process, processes)
   log.info("teacher %s from %s: %d chunks already committed", teacher, path, len(committed))
   progress = tqdm(total=total, desc=f"annotate {teacher}", unit="rec", disable=process > 0, dynamic_ncols=True)
@@ -217,7 +220,7 @@ def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabula
         continue
       start = time.perf_counter()
       rejects, rows = prepare_chunk(items, teacher, config, vocabulary)
-      outputs = decode_rows(rows, lambda *a: generate(params, *a), config) if rows else {}
+      outputs = decode_rows(rows, lambda *a: generate(params, *a), config, row_multiple) if rows else {}
       entries = rejects + [finished_entry(index, *outputs[index], cut, vocabulary, config, stop)
                            for index, _, cut in rows]
       annotation_store.write_part(config.output_dir, teacher, number, process, processes, entries)
@@ -301,7 +304,7 @@ def run(config: AnnotationConfig, vocabulary: Optional[seqio.Vocabulary] = None)
   annotation_store.check_run_settings(config.output_dir, settings, write=False)
   log.info("%s %s", "resuming the annotation run in" if resumed else "annotating into", config.output_dir)
   mesh = partitioning.make_mesh(*config.mesh_shape)
-  rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_axes = partitioning.data_parallel_size(mesh)
   if config.batch_size % rows_axes:
     raise ValueError(f"batch_size {config.batch_size} is not a multiple of the data-parallel mesh size "
                      f"{rows_axes} (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")

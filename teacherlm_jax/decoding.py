@@ -202,6 +202,16 @@ def bucket_length(length: int, max_length: int, minimum: int = 16) -> int:
   return min(max(minimum, -(-length // step) * step), max_length)
 
 
+def batch_rows(rows: int, batch_size: int, row_multiple: int = 1) -> int:
+  """How many rows a batch holding `rows` real rows is computed with: `batch_size` for a full batch; for the last,
+  partial one the next power of two (at least `row_multiple`, the data-parallel mesh size, and a multiple of it), so
+  few filler rows are computed and few batch shapes compile."""
+  if rows >= batch_size:
+    return batch_size
+  padded = max(1 << max(rows - 1, 0).bit_length(), row_multiple)
+  return min(-(-padded // row_multiple) * row_multiple, batch_size)
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int) -> list[tuple[list[int], int]]:
   """Groups prompts into batches of similar length.
 

@@ -174,7 +174,7 @@ def initial_state(config: DpoConfig, model: bloom.Bloom, optimizer, shardings, m
 def run(config: DpoConfig) -> dict[str, float]:
   """Trains the policy for `train_steps` DPO steps; returns the last step's metrics."""
   mesh = partitioning.make_mesh(*config.mesh_shape)
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = partitioning.data_parallel_size(mesh)
   if config.batch_size % rows:
     raise ValueError(f"batch_size {config.batch_size} is not a multiple of the data-parallel mesh size {rows} "
                      f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")

@@ -149,8 +149,9 @@ def option_arrays(options: Sequence[Sequence[Sequence[int]]], num_options: int, 
 
 
 def score_examples(examples: Sequence[EvalExample], scorer, vocabulary: seqio.Vocabulary, batch_size: int,
-                   max_length: int, desc: str = "score") -> list[np.ndarray]:
-  """Each example's option log-likelihoods (in the order of `examples`)."""
+                   max_length: int, desc: str = "score", row_multiple: int = 1) -> list[np.ndarray]:
+  """Each example's option log-likelihoods (in the order of `examples`); `row_multiple` is the data-parallel mesh
+  size (a partial batch is padded to a multiple of it)."""
   contexts = [vocabulary.encode(example.context)[-max_length:] for example in examples]
   options = [[vocabulary.encode(option) for option in example.options] for example in examples]
   if any(not ids for row in options for ids in row):
@@ -160,7 +161,8 @@ def score_examples(examples: Sequence[EvalExample], scorer, vocabulary: seqio.Vo
   results: list[Optional[np.ndarray]] = [None] * len(examples)
   progress = tqdm(total=len(examples), desc=desc, unit="ex", disable=jax.process_index() > 0)
   for positions, length in decoding.plan_batches([len(c) for c in contexts], batch_size, max_length):
-    rows = positions + [positions[0]] * (batch_size - len(positions))  # filler rows; dropped
+    filler = decoding.batch_rows(len(positions), batch_size, row_multiple) - len(positions)
+    rows = positions + [positions[0]] * filler  # their scores are dropped
     tokens, mask = decoding.left_pad([contexts[p] for p in rows], length)
     option_tokens, option_mask = option_arrays([options[p] for p in rows], num_options, option_length)
     scores = scorer(tokens, mask, option_tokens, option_mask)
@@ -214,15 +216,16 @@ def write_results(output_dir: str, checkpoint: str, results: Mapping[str, Any],
 
 
 def evaluate_task(task_name: str, scorer, vocabulary: seqio.Vocabulary, *, split: Optional[str], num_shots: int,
-                  shot_split: Optional[str], batch_size: int, max_length: int,
-                  max_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
+                  shot_split: Optional[str], batch_size: int, max_length: int, max_examples: Optional[int] = None,
+                  row_multiple: int = 1) -> tuple[dict, list[dict]]:
   """(result, per-example predictions) of one task."""
   split = split or default_split(task_name)
   examples = task_examples(task_name, split)[:max_examples]
   if num_shots:
     shots = task_examples(task_name, shot_split or ("dev" if "mmlu" in task_name else "train"))
     examples = with_shots(examples, shots, num_shots)
-  scores = score_examples(examples, scorer, vocabulary, batch_size, max_length, desc=task_name)
+  scores = score_examples(examples, scorer, vocabulary, batch_size, max_length, desc=task_name,
+                          row_multiple=row_multiple)
   result = {"split": split, "num_shots": num_shots, **accuracy_report(examples, scores)}
   predictions = [{"example_id": e.example_id, "scores": [float(x) for x in s], "prediction": int(np.argmax(s)),
                   "target": e.target} for e, s in zip(examples, scores)]
@@ -246,7 +249,8 @@ def run(checkpoint_path: str, eval_tasks: Sequence[str], *, output_dir: Optional
     for task in eval_tasks:
       results[task], predictions[task] = evaluate_task(
           task, lambda *a: score(params, *a), vocabulary, split=split, num_shots=num_shots, shot_split=shot_split,
-          batch_size=batch_size, max_length=max_length, max_examples=max_examples)
+          batch_size=batch_size, max_length=max_length, max_examples=max_examples,
+          row_multiple=partitioning.data_parallel_size(mesh))
       log.info("%s: accuracy %.4f on %d examples", task, results[task]["accuracy"], results[task]["examples"])
   if output_dir and jax.process_index() == 0:
     write_results(output_dir, checkpoint_path, results, predictions)

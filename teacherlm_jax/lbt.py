@@ -195,7 +195,8 @@ def student_scores(student: str, examples: Sequence[evaluate.EvalExample], confi
   score = evaluate.jit_score(model, mesh)
   with partitioning.activation_rules(mesh):
     scores = evaluate.score_examples(examples, lambda *a: score(params, *a), vocabulary, config.batch_size,
-                                     config.max_length, desc=f"exam {epath.Path(student).name}")
+                                     config.max_length, desc=f"exam {epath.Path(student).name}",
+                                     row_multiple=partitioning.data_parallel_size(mesh))
   correct = np.asarray([int(np.argmax(s)) == e.target for e, s in zip(examples, scores)], np.float32)
   gold = np.asarray([s[e.target] for e, s in zip(examples, scores)], np.float64)
   return correct, gold
@@ -281,7 +282,8 @@ def candidate_answers(config: LbtConfig, scores: dict[int, list[dict]], problems
   score_fn = evaluate.jit_score(model, mesh)
   with partitioning.activation_rules(mesh):
     scored = evaluate.score_examples(examples, lambda *a: score_fn(params, *a), vocabulary, config.batch_size,
-                                     config.max_length, desc="vote answers")
+                                     config.max_length, desc="vote answers",
+                                     row_multiple=partitioning.data_parallel_size(mesh))
   return {key: examples[i].options[int(np.argmax(s))] for i, (key, s) in enumerate(zip(keys, scored))}
 
 

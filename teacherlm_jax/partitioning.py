@@ -57,6 +57,11 @@ def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1)
   return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways a batch is split: the product of the `data` and `fsdp` axes (batch sizes must be multiples)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A `Mesh` with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).

@@ -141,6 +141,13 @@ def test_length_buckets_and_batch_plans():
   assert sorted(i for indices, _ in plan for i in indices) == list(range(6))
 
 
+def test_a_partial_batch_is_padded_to_few_shapes():
+  assert [decoding.batch_rows(n, 32) for n in (32, 40, 1, 3, 4, 5, 17, 31)] == [32, 32, 1, 4, 4, 8, 32, 32]
+  assert [decoding.batch_rows(n, 32, row_multiple=8) for n in (1, 5, 9, 20)] == [8, 8, 16, 32]
+  assert decoding.batch_rows(5, 24, row_multiple=8) == 8 and decoding.batch_rows(13, 24, row_multiple=8) == 16
+  assert decoding.batch_rows(17, 24, row_multiple=8) == 24
+
+
 def test_decoded_text_is_cut_at_the_first_stop_string():
   assert decoding.cut_at_stop_strings("a b\nQ: c\n\nd", ["\n\n", "\nQ:"]) == ("a b", True)
   assert decoding.cut_at_stop_strings("a b", ["\nQ:"]) == ("a b", False)

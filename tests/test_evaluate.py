@@ -100,7 +100,8 @@ def test_results_do_not_depend_on_batch_size_or_device_count(tiny):
   _, sharded = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
   score = evaluate.jit_score(model, mesh)
   with partitioning.activation_rules(mesh):
-    eight = evaluate.score_examples(examples, lambda *a: score(sharded, *a), VOCABULARY, batch_size=8, max_length=256)
+    eight = evaluate.score_examples(examples, lambda *a: score(sharded, *a), VOCABULARY, batch_size=8, max_length=256,
+                                    row_multiple=partitioning.data_parallel_size(mesh))
   for a, b in zip(one_device, eight):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
   assert [int(np.argmax(s)) for s in one_device] == [int(np.argmax(s)) for s in eight]
