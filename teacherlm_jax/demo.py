@@ -10,7 +10,10 @@
    pipeline).
 4. Students (`teacherlm_jax.students`): tiny students trained on the annotated samples, the answer-only baseline and
    the augmented variants, multi-task then fine-tuned on CREAK, evaluated by rank classification on CREAK and ECQA.
-5. The report (`teacherlm_jax.report`): Markdown + PNG plots of all of the above; its path is printed.
+5. Learning by teaching (`teacherlm_jax.lbt`): one tiny round: the CoT teacher's candidate rationales for a few
+   CREAK questions are scored by the answer-only student's exam accuracy, and the teacher gets a DPO step on the
+   best-vs-worst pairs.
+6. The report (`teacherlm_jax.report`): Markdown + PNG plots of all of the above; its path is printed.
 
   python -m teacherlm_jax.demo --out outputs/demo [--skip_curriculum]
 """
@@ -116,6 +119,20 @@ def run_students(out: pathlib.Path, annotated: dict) -> dict:
     gin.clear_config()
 
 
+def learning_by_teaching(out: pathlib.Path, teacher: pathlib.Path, student: pathlib.Path) -> list[dict]:
+  """One tiny LbT round on the first embedded CREAK validation questions (see teacherlm_jax/lbt.py)."""
+  from teacherlm_jax import annotation_inputs, lbt
+  problems = out / "problems.jsonl"
+  out.mkdir(parents=True, exist_ok=True)
+  problems.write_text("\n".join((REPO / "tasks/data/creak/validation.jsonl").read_text().splitlines()[:16]) + "\n")
+  config = lbt.LbtConfig(input=annotation_inputs.InputSpec(str(problems)), output_dir=str(out),
+                         teacher=("cot", str(teacher)), students=(str(student),), num_candidates=3, exam_size=3,
+                         max_new_tokens=48, batch_size=16, max_input_length=384, max_length=768)
+  dpo_settings = {"train_steps": 3, "beta": 0.1, "batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 0,
+                  "sequence_length": 512}
+  return lbt.iterate(config, 1, dpo_settings, held_out=None)
+
+
 def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   """Runs the Hugging Face part of the demo into `out` and returns its summary."""
   ckpt, export = out / "params_checkpoint", out / "hf_export"
@@ -183,11 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n4. Students (tiny, a few steps): rank-classification accuracy after fine-tuning on CREAK")
     for variant, accuracies in results.items():
       print(f"  {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
+    rounds = learning_by_teaching(out / "lbt", out / "curriculum" / "stage3_cot",
+                                  out / "students" / "answer_only" / "finetune")
+    dpo = rounds[0].get("dpo")
+    print(f"\n5. Learning by teaching, one round: mean LbT score {rounds[0]['mean_lbt_score']:.3f} (the answer-only "
+          "student's exam accuracy); " + (f"DPO reward margin {dpo['reward_margin']:.3f}" if dpo else
+                                          "no DPO: every problem's candidates scored alike (tiny students)"))
     from teacherlm_jax import report
     report_path = report.write_report(str(out))
-    print(f"\n5. Report: {report_path}")
+    print(f"\n6. Report: {report_path}")
     outputs.update({"annotated_creak": annotations["creak"].output, "annotated_ecqa": annotations["ecqa"].output,
-                    "students": str(out / "students"), "report": report_path})
+                    "students": str(out / "students"), "lbt": str(out / "lbt"), "report": report_path})
   print("\nOutputs:")
   for name, path in outputs.items():
     print(f"  {name:22s} {path}")
