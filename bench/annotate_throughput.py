@@ -37,11 +37,8 @@ torch and transformers are needed only here: `pip install torch==2.13.0 transfor
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -54,7 +51,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and model helpers are shared with the forward benchmark, so all benchmarks measure alike.
 from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                make_hf_model, markdown_table)
+                                make_hf_model, markdown_table, publish, run_environment)
 
 from tasks import rendering  # noqa: E402
 from teacherlm_jax import annotate, annotation_inputs, convert, decoding, partitioning, vocabularies  # noqa: E402
@@ -109,7 +106,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def annotation_config(args: argparse.Namespace, batch_size: int, max_new_tokens: int, temperature: float
                       ) -> annotate.AnnotationConfig:
-  """The annotation loop's config for our side (input and output_dir are placeholders: nothing is read or written
+  """The annotation loop's config for our side (its input and output_dir are never used: nothing is read or written
   through them)."""
   return annotate.AnnotationConfig(
       input=annotation_inputs.InputSpec(os.path.join(REPO, SOURCES[0])), output_dir=tempfile.gettempdir(),
@@ -199,8 +196,6 @@ def greedy_check(args: argparse.Namespace, torch: Any, hf_model: Any, model: blo
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
-  import flax
-  import jaxlib
 
   cores = os.cpu_count() or 1
   torch.set_num_threads(cores)
@@ -298,17 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       "scan_unroll": model.config.scan_unroll, "weight_noise": args.weight_noise,
       "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                   "torch": torch.__version__, "transformers": transformers.__version__,
-                   "python": platform.python_version()},
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **run_environment(torch, transformers),
   }
-  print()
-  print(format_table(figures))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as out:
-      json.dump(figures, out, indent=2)
-    print(f"\nwrote {args.json}")
+  publish(figures, format_table(figures), args.json)
   return 0
 
 

@@ -43,10 +43,7 @@ torch and transformers are needed only here: `pip install torch==2.13.0 transfor
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,7 +55,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine, model and timing helpers are shared with the forward benchmark, so all benchmarks measure alike.
 from forward_throughput import (background_cores, build_models, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                markdown_table, time_interleaved)
+                                markdown_table, publish, run_environment, time_interleaved)
 
 from teacherlm_jax import decoding, evaluate, partitioning, vocabularies  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -339,8 +336,6 @@ def format_table(figures: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
-  import flax
-  import jaxlib
 
   cores = os.cpu_count() or 1
   torch.set_num_threads(cores)
@@ -445,17 +440,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       "warmup_s": warmup_s, "check_s": check_s,
       "num_params": bloom.count_params(params), "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                   "torch": torch.__version__, "transformers": transformers.__version__,
-                   "python": platform.python_version()},
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **run_environment(torch, transformers),
   }
-  print()
-  print(format_table(figures))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as out:
-      json.dump(figures, out, indent=2)
-    print(f"\nwrote {args.json}")
+  publish(figures, format_table(figures), args.json)
   if not max(final.values()) <= args.atol:
     print(f"error: over all options of the timed runs, log-likelihoods differ by up to {max(final.values()):.3e} > "
           f"{args.atol}", file=sys.stderr)

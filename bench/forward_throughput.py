@@ -66,6 +66,27 @@ def import_torch() -> tuple[Any, Any]:
   return torch, transformers
 
 
+def run_environment(torch: Any, transformers: Any, **extra_versions: str) -> dict[str, Any]:
+  """The versions and the date a benchmark's figures were measured with (for its --json)."""
+  import flax
+  import jaxlib
+  versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, **extra_versions,
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "python": platform.python_version()}
+  return {"versions": versions,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def publish(figures: dict[str, Any], table: str, json_path: Optional[str]) -> None:
+  """Prints a benchmark's table and writes its figures to `json_path` (when given)."""
+  print()
+  print(table)
+  if json_path:
+    with open(json_path, "w", encoding="utf-8") as out:
+      json.dump(figures, out, indent=2)
+    print(f"\nwrote {json_path}")
+
+
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (or what `platform` knows elsewhere)."""
   try:
@@ -205,8 +226,6 @@ def check_logits(calls: dict[str, Callable[[], Any]], atol: float) -> tuple[floa
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
-  import flax
-  import jaxlib
 
   cores = os.cpu_count() or 1
   torch.set_num_threads(cores)
@@ -240,17 +259,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       "num_params": bloom.count_params(params), "repeats": args.repeats, "max_abs_diff": max_abs_diff,
       "compile_and_first_run_s": compile_s, "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                   "torch": torch.__version__, "transformers": transformers.__version__,
-                   "python": platform.python_version()},
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **run_environment(torch, transformers),
   }
-  print()
-  print(format_table(figures))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as out:
-      json.dump(figures, out, indent=2)
-    print(f"\nwrote {args.json}")
+  publish(figures, format_table(figures), args.json)
   return 0
 
 

@@ -34,10 +34,7 @@ torch and transformers are needed only here: `pip install torch==2.13.0 transfor
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,7 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and timing helpers are shared with the forward benchmark, so both measure alike.
 from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                build_models, markdown_table, time_interleaved)
+                                build_models, markdown_table, publish, run_environment, time_interleaved)
 
 from teacherlm_jax import convert, partitioning, trainer  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -329,8 +326,6 @@ def format_table(figures: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
-  import flax
-  import jaxlib
   import optax
 
   cores = os.cpu_count() or 1
@@ -394,17 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       "scan_layers": model.config.scan_layers, "scan_unroll": model.config.scan_unroll, "peak_method": "best float32 n x n matmul, numpy, all cores",
       "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                   "optax": optax.__version__, "numpy": np.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__, "python": platform.python_version()},
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **run_environment(torch, transformers, optax=optax.__version__, numpy=np.__version__),
   }
-  print()
-  print(format_table(figures))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as out:
-      json.dump(figures, out, indent=2)
-    print(f"\nwrote {args.json}")
+  publish(figures, format_table(figures), args.json)
   if args.profile:
     profile_step(calls["teacherlm_jax"], hlo_text(), args.profile)
   return 0
