@@ -6,7 +6,8 @@ the CPU:
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
      not trivial, plus `--weight_noise` so that greedy continuations are not one repeated token) and saved with
      `save_pretrained` into a temporary directory; ours loads that directory as the annotation loop loads a Hugging
-     Face teacher (`convert.load_hf_bloom`, params on the loop's (1, -1, 1) mesh);
+     Face teacher (`convert.load_hf_bloom`, params on the loop's (1, -1, 1) mesh, layers under nn.scan unless
+     `--no_scan_layers`);
   2. the prompts are real teacher prompts: the `--teacher` (default CoT) prompt of the first `--num_prompts` / 2
      records of the embedded ECQA test and CREAK validation samples (`tasks/data`), made and tokenized by the loop's
      own `annotate.prepare_chunk` (`annotation_inputs.sample(...).prompt(teacher)`) with the tokenizer fixture
@@ -14,12 +15,13 @@ the CPU:
   3. a greedy check: ours (`annotate.decode_rows` with temperature 0, the first `--check_prompts` prompts in one
      left-padded batch) and HF `generate(do_sample=False)` must continue each prompt with the same
      `--check_tokens` tokens;
-  4. warm-up: ours once on all prompts (compiling one decode function per prompt bucket length), HF on two;
+  4. warm-up: ours once on all prompts (compiling one decode program per batch shape), HF on two prompts;
   5. timing, every run forced to exactly `--new_tokens` new tokens: ours is the annotation loop's decoding path,
-     `annotate.decode_rows` (prompts sorted by length into batches of `--batch_size`, padded to bucket lengths)
-     over `decoding.jit_generate` on the mesh, sampling at temperature 1.0 with EOS disabled (eos_id=-1); theirs is
-     the release's loop: one prompt at a time (batch size 1), `generate(do_sample=True, top_k=0, top_p=1.0,
-     temperature=1.0, min_new_tokens=max_new_tokens=new_tokens, use_cache=True)` under `torch.inference_mode()`.
+     `annotate.decode_rows` (prompts sorted by length into batches of `--batch_size`, left-padded to bucket
+     lengths) over `decoding.jit_generate` on the mesh, sampling at temperature 1.0 with EOS disabled
+     (eos_id=-1); theirs is the release's loop: one prompt at a time (batch size 1), `generate(do_sample=True,
+     top_k=0, top_p=1.0, temperature=1.0, min_new_tokens=max_new_tokens=new_tokens, use_cache=True)` under
+     `torch.inference_mode()`.
      Ours runs `--repeats` times (half before HF, half after, so that drifting background load hits both alike);
      HF runs once over `--hf_prompts` of the prompts (default all; fewer are taken evenly spread over them).
      Samples/s = prompts / seconds (ours: the median run).
