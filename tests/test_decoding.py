@@ -90,6 +90,45 @@ def test_top_k_and_top_p_filtering():
   np.testing.assert_allclose(everything, logits / 2.0)
 
 
+def test_first_max_index_is_argmax_ties_included():
+  logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
+  logits[1, [7, 200]] = 9.0  # a tie: the first index wins, as with argmax
+  logits[2, :] = -np.inf
+  logits[2, 299] = 0.0
+  logits[3, :] = 1.0
+  np.testing.assert_array_equal(decoding.first_max_index(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+
+
+def test_sample_categorical_inverts_the_cumulative_distribution():
+  """Evenly spaced uniforms give each token a share of the draws equal to its probability (within one draw), over a
+  vocabulary that is not a multiple of the block size; tokens at -inf are never drawn, not even at u = 0 or u -> 1."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=300).astype(np.float32) * 2
+  logits[rng.choice(300, 120, replace=False)] = -np.inf
+  logits[:5] = logits[290:] = -np.inf  # zero mass in the first and in the (partial) last block's tail
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  draws = 20000
+  uniform = np.concatenate([[0.0, np.nextafter(np.float32(1), np.float32(0))], (np.arange(draws) + 0.5) / draws])
+  rows = jnp.broadcast_to(jnp.asarray(logits), (len(uniform), 300))
+  tokens = np.asarray(jax.jit(decoding.sample_categorical)(jnp.asarray(uniform, jnp.float32), rows))
+  assert np.isfinite(logits[tokens]).all()
+  counts = np.bincount(tokens[2:], minlength=300)
+  np.testing.assert_allclose(counts, probs * draws, atol=1.5)
+  assert np.array_equal(tokens[2:], np.sort(tokens[2:]))  # monotone in u: the inverse of the CDF
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+  """`next_tokens` at temperature 1 over many keys: token frequencies match softmax(logits) (chi-square)."""
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(1, 50)).astype(np.float32))
+  keys = jax.random.split(jax.random.key(0), 40000)
+  config = decoding.DecodingConfig(temperature=1.0)
+  tokens = jax.jit(jax.vmap(lambda key: decoding.next_tokens(logits, key[None], config)[0]))(keys)
+  expected = np.asarray(jax.nn.softmax(logits[0])) * len(keys)
+  chi_square = (((np.bincount(np.asarray(tokens), minlength=50) - expected) ** 2) / expected).sum()
+  assert chi_square < 90  # 49 degrees of freedom: p < 1e-3 above 85
+
+
 def test_rows_stop_at_a_stop_sequence(tiny):
   model, params = tiny
   free, _ = _generate(model, params, PROMPTS, decoding.DecodingConfig(max_new_tokens=8, eos_id=-1))
@@ -124,8 +163,8 @@ def test_the_cache_is_sharded_by_the_logical_axis_rules(tiny):
     cache = jax.jit(lambda: decoding.constrain_cache(bloom.init_cache(model, 4, 16)))()
   layers = cache["h"]["self_attention"]  # scanned layers: a leading layer axis
   rows = ("data", "fsdp")
-  assert layers["key"].shape == (2, 4, 16, 6, 8)
-  assert layers["key"].sharding.spec == jax.sharding.PartitionSpec(None, rows, None, "tensor")
+  assert layers["key"].shape == (2, 4, 6, 16, 8)  # head-major: [layers, batch, heads, length, head_dim]
+  assert layers["key"].sharding.spec == jax.sharding.PartitionSpec(None, rows, "tensor")
   assert layers["value"].sharding.spec == layers["key"].sharding.spec
   assert layers["positions"].sharding.spec == jax.sharding.PartitionSpec(None, rows)
   assert cache["valid_count"].sharding.spec == jax.sharding.PartitionSpec(rows)

@@ -17,8 +17,8 @@ is the shorthand for one segment per row. ALiBi uses positions within the segmen
 logits as the unpadded one.
 
 Incremental decoding: `decode=True` writes this call's keys and values into a `cache` collection of length s (made
-by `init_cache`) at the running cache index, and attends to every valid cached slot, so one call can prefill a whole
-prompt and later calls add one token each.
+by `init_cache`; keys and values head-major, [b, h, s, d]) at the running cache index, and attends to every valid
+cached slot, so one call can prefill a whole prompt and later calls add one token each.
 """
 
 from __future__ import annotations
@@ -159,6 +159,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
+def cached_dot_product_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
+  """`dot_product_attention` over a head-major cache: q [b, q, h, d]; k, v [b, h, k, d] -> [b, q, h, d]."""
+  scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(scores / np.sqrt(q.shape[-1]).astype(np.float32) + bias, axis=-1)
+  return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v.dtype), v)
+
+
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[Optional[str], ...],
            dtype: str) -> Array:
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
@@ -188,13 +195,16 @@ class Attention(nn.Module):
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", "heads", None, "kv"))
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
 
-    q_slot = jnp.arange(x.shape[1], dtype=jnp.int32)
-    k_pos, k_seg, k_slot = positions, segment_ids, q_slot
+    slopes = jnp.asarray(alibi_slopes(h))
     if decode:
       k, v, k_pos, k_seg, q_slot = self._update_cache(k, v, positions, segment_ids)
-      k_slot = jnp.arange(k.shape[1], dtype=jnp.int32)
-    bias = attention_bias(positions, k_pos, segment_ids, k_seg, q_slot, k_slot, jnp.asarray(alibi_slopes(h)))
-    out = dot_product_attention(q, k, v, bias)
+      bias = attention_bias(positions, k_pos, segment_ids, k_seg, q_slot, jnp.arange(k.shape[2], dtype=jnp.int32),
+                            slopes)
+      out = cached_dot_product_attention(q, k, v, bias)
+    else:
+      slots = jnp.arange(x.shape[1], dtype=jnp.int32)
+      bias = attention_bias(positions, positions, segment_ids, segment_ids, slots, slots, slopes)
+      out = dot_product_attention(q, k, v, bias)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
 
     dense_kernel = _param(self, "dense_kernel", init, (h, d, e), ("heads", "kv", "embed"), cfg.param_dtype)
@@ -202,24 +212,32 @@ class Attention(nn.Module):
     return jnp.einsum("blhd,hde->ble", out, dense_kernel.astype(cfg.dtype)) + dense_bias.astype(cfg.dtype)
 
   def _update_cache(self, k: Array, v: Array, positions: Array, segment_ids: Array):
-    """Writes this call's l keys/values at the cache index; returns the whole cache ([b, s, ...]) and query slots [l]."""
+    """Writes this call's l keys/values [b, l, h, d] at the cache index.
+
+    The cache keeps keys and values head-major, [b, h, s, d], so that a decoding step's attention is a batched
+    matmul over (b, h) that reads the cache in place (no transposed copy of it per step).
+
+    Returns:
+      keys and values [b, h, s, d], positions and segment ids [b, s] of the whole cache, and the query slots [l].
+    """
     b, l, h, d = k.shape
-    cached_key = self.variable("cache", "key", jnp.zeros, (b, l, h, d), k.dtype)
-    cached_value = self.variable("cache", "value", jnp.zeros, (b, l, h, d), v.dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    cached_key = self.variable("cache", "key", jnp.zeros, (b, h, l, d), k.dtype)
+    cached_value = self.variable("cache", "value", jnp.zeros, (b, h, l, d), v.dtype)
     cached_pos = self.variable("cache", "positions", jnp.zeros, (b, l), jnp.int32)
     cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (b, l), jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if self.is_initializing():  # init only sizes the cache: its length is the length of the init input
       return k, v, positions, segment_ids, jnp.arange(l, dtype=jnp.int32)
     i = index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, 0, i, 0))
     cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0))
+        cached_value.value, v.astype(cached_value.value.dtype), (0, 0, i, 0))
     cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value, positions.astype(jnp.int32), (0, i))
     cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
     index.value = i + l
-    key = nn.with_logical_constraint(cached_key.value, ("batch", "length", "heads", "kv"))
-    value = nn.with_logical_constraint(cached_value.value, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(cached_key.value, ("batch", "heads", "length", "kv"))
+    value = nn.with_logical_constraint(cached_value.value, ("batch", "heads", "length", "kv"))
     return key, value, cached_pos.value, cached_seg.value, i + jnp.arange(l, dtype=jnp.int32)
 
 
