@@ -1,5 +1,7 @@
-"""Batched autoregressive decoding inside jit: one prefill pass over the prompts, then a `lax.while_loop` of token steps
-over the KV cache, stopping as soon as every row has produced EOS or `max_new_tokens`.
+"""Batched autoregressive decoding inside jit: one prefill pass over the prompts, then `lax.while_loop`s of token steps
+over the KV cache, stopping as soon as every row has produced EOS or `max_new_tokens`. The loop runs layer by layer
+(per-layer params and cache, even for a model trained with `nn.scan`) and in phases whose cache doubles, so a step
+attends over little more than the tokens so far.
 
 Prompts are left-padded ([batch, prompt_length] with a mask), so every row's next token is read at the same column.
 Greedy decoding (temperature 0) or sampling with temperature, top-k and top-p. Every row samples with its own key,
@@ -45,6 +47,10 @@ class DecodingConfig:
     pad_id: written after a row has stopped.
     stop_sequences: token-id sequences that stop a row once its last generated tokens equal one (kept in the
       output, like EOS).
+    first_phase_tokens: the decoding loop runs in phases whose KV cache grows with them: the first phase's cache
+      holds the prompt and this many new tokens, each later phase's twice as many (up to `max_new_tokens`), so
+      early steps attend over a short cache and rows that all stop early never touch a long one. Every phase
+      compiles its own loop; 0 = one phase over the whole cache.
   """
 
   max_new_tokens: int = 64
@@ -54,10 +60,13 @@ class DecodingConfig:
   top_p: float = 1.0
   pad_id: int = 0
   stop_sequences: tuple[tuple[int, ...], ...] = ()
+  first_phase_tokens: int = 64
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if self.first_phase_tokens < 0:
+      raise ValueError(f"first_phase_tokens must be >= 0 (0 = one phase), got {self.first_phase_tokens}")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"invalid sampling settings: temperature {self.temperature} (>= 0), top_k {self.top_k} "
                        f"(>= 0), top_p {self.top_p} (in (0, 1])")
@@ -167,6 +176,26 @@ def constrain_cache(cache) -> dict:
                       is_leaf=lambda x: isinstance(x, jax.Array))
 
 
+def phase_ends(config: DecodingConfig) -> list[int]:
+  """The new-token counts at which the decoding phases end (see `DecodingConfig.first_phase_tokens`), e.g.
+  [64, 128, 256, 300] for 300 new tokens."""
+  end = config.first_phase_tokens or config.max_new_tokens
+  ends = [min(end, config.max_new_tokens)]
+  while ends[-1] < config.max_new_tokens:
+    ends.append(min(2 * ends[-1], config.max_new_tokens))
+  return ends
+
+
+def grow_cache(cache, length: int) -> dict:
+  """The cache with its length axis padded to `length` slots; the new slots are empty (segment 0: never attended)."""
+  def grow(leaf, axes):
+    if "length" not in axes:
+      return leaf
+    axis = axes.index("length")
+    return jnp.pad(leaf, [(0, length - leaf.shape[axis]) if i == axis else (0, 0) for i in range(leaf.ndim)])
+  return constrain_cache(jax.tree.map(grow, cache, cache_logical_axes(cache)))
+
+
 def per_layer(model: bloom.Bloom, params) -> tuple[bloom.Bloom, dict]:
   """The model and params with one module (and one cache) per layer: a scanned model's stacked params are sliced.
 
@@ -206,27 +235,35 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
     done = done | (token == config.eos_id) | stop_sequence_matched(tokens, step, config.stop_sequences)
     return token, tokens, done, lengths
 
-  cache = constrain_cache(bloom.init_cache(model, batch, prompt_length + config.max_new_tokens))
+  ends = phase_ends(config)
+  cache = constrain_cache(bloom.init_cache(model, batch, prompt_length + ends[0]))
   logits, state = model.apply({"params": params, "cache": cache}, prompt_tokens, prompt_mask, decode=True,
                               last_only=True, mutable=["cache"])
   token, tokens, done, lengths = pick(
       0, logits[:, -1], jnp.full((batch, config.max_new_tokens), config.pad_id, jnp.int32),
       jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
 
-  def cond(carry):
+  def cond(carry, end):
     step, _, _, _, done, _ = carry
-    return (step < config.max_new_tokens) & ~jnp.all(done)
+    return (step < end) & ~jnp.all(done)
+
+  # The tied LM head's kernel, transposed once here: inside the loop the head then reads it row-major.
+  head_kernel = jnp.transpose(params["word_embeddings"])
 
   def body(carry):
     """Runs the model on the last chosen token, then chooses column `step` (no model call after the last one)."""
     step, cache, token, tokens, done, lengths = carry
-    step_logits, new_state = model.apply({"params": params, "cache": cache}, token[:, None], decode=True,
-                                         mutable=["cache"])
+    hidden, new_state = model.apply({"params": params, "cache": cache}, token[:, None], decode=True,
+                                    hidden_only=True, mutable=["cache"])
+    step_logits = bloom.lm_head(model.config, hidden, head_kernel)
     token, tokens, done, lengths = pick(step, step_logits[:, -1], tokens, done, lengths)
     return step + 1, constrain_cache(new_state["cache"]), token, tokens, done, lengths
 
-  init = (jnp.ones((), jnp.int32), state["cache"], token, tokens, done, lengths)
-  _, _, _, tokens, _, lengths = jax.lax.while_loop(cond, body, init)
+  carry = (jnp.ones((), jnp.int32), state["cache"], token, tokens, done, lengths)
+  for end in ends:
+    carry = (carry[0], grow_cache(carry[1], prompt_length + end)) + carry[2:]
+    carry = jax.lax.while_loop(functools.partial(cond, end=end), body, carry)
+  _, _, _, tokens, _, lengths = carry
   return tokens, lengths
 
 

@@ -41,6 +41,23 @@ def test_greedy_with_the_cache_equals_full_recomputation(tiny):
   assert list(lengths) == [6] * 4
 
 
+def test_decoding_in_phases_with_a_growing_cache_equals_one_phase(tiny):
+  model, params = tiny
+  assert decoding.phase_ends(decoding.DecodingConfig(300)) == [64, 128, 256, 300]
+  assert decoding.phase_ends(decoding.DecodingConfig(7, first_phase_tokens=2)) == [2, 4, 7]
+  assert decoding.phase_ends(decoding.DecodingConfig(7, first_phase_tokens=0)) == [7]
+  for temperature in (1.0, 0.0):
+    one, one_lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(
+        7, eos_id=-1, temperature=temperature, first_phase_tokens=0))
+    phased, phased_lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(
+        7, eos_id=-1, temperature=temperature, first_phase_tokens=2))
+    np.testing.assert_array_equal(phased, one)
+    np.testing.assert_array_equal(phased_lengths, one_lengths)
+  eos = int(one[0, 2])  # greedy: row 0 stops inside the second phase, the others go on
+  stopped, lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(7, eos_id=eos, first_phase_tokens=2))
+  assert lengths[0] == list(one[0]).index(eos) + 1 and not stopped[0, lengths[0]:].any()
+
+
 def test_greedy_matches_transformers_generate(tiny):
   model, params = tiny
   reference = load_file(str(FIXTURES / "hf_bloom_tiny_greedy.safetensors"))

@@ -298,7 +298,7 @@ class Bloom(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
                segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               decode: bool = False, last_only: bool = False) -> Array:
+               decode: bool = False, last_only: bool = False, hidden_only: bool = False) -> Array:
     """Computes next-token logits.
 
     Args:
@@ -310,9 +310,12 @@ class Bloom(nn.Module):
       decode: use and update the `cache` collection (apply with `mutable=["cache"]`).
       last_only: compute the logits of the last position only (a prefill of left-padded prompts needs no more):
         the LM head, a large part of a small model's forward, then runs on one position per row.
+      hidden_only: return the final hidden states (after `ln_f`) instead of logits, for a caller that applies the
+        LM head itself (`lm_head`; decoding does, with the embedding transposed once outside its loop).
 
     Returns:
-      logits [b, l, v] (or [b, 1, v] with last_only) in `config.logits_dtype`.
+      logits [b, l, v] (or [b, 1, v] with last_only) in `config.logits_dtype`; with hidden_only, hidden states
+      [b, l, e] (or [b, 1, e]) in `config.dtype`.
     """
     cfg = self.config
     if segment_ids is None:
@@ -337,9 +340,9 @@ class Bloom(nn.Module):
     if last_only:
       x = x[:, -1:]
     x = _layer_norm(cfg, "ln_f")(x)
-    logits = jnp.einsum("ble,ve->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    return logits.astype(cfg.logits_dtype)
+    if hidden_only:
+      return x
+    return lm_head(cfg, x, embedding.T)
 
   def _default_positions(self, segment_ids: Array, decode: bool) -> Array:
     """Positions within segments; when decoding, offset by the valid tokens already cached for each row."""
@@ -351,6 +354,14 @@ class Bloom(nn.Module):
     if not self.is_initializing():
       prior.value = prior.value + valid.sum(axis=1)
     return positions
+
+
+def lm_head(config: BloomConfig, hidden: Array, head_kernel: Array) -> Array:
+  """Logits [b, l, v] (in `config.logits_dtype`) of hidden states [b, l, e]; head_kernel [e, v] is the transposed
+  word embedding matrix (the head is tied)."""
+  logits = jnp.einsum("ble,ev->blv", hidden, head_kernel.astype(config.dtype), preferred_element_type=jnp.float32)
+  logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+  return logits.astype(config.logits_dtype)
 
 
 def init_params(model: Bloom, rng: Array, batch_size: int = 1, length: int = 8) -> dict:
