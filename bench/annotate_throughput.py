@@ -6,8 +6,8 @@ the CPU:
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
      not trivial, plus `--weight_noise` so that greedy continuations are not one repeated token) and saved with
      `save_pretrained` into a temporary directory; ours loads that directory as the annotation loop loads a Hugging
-     Face teacher (`convert.load_hf_bloom`, params on the loop's (1, -1, 1) mesh, layers under nn.scan unless
-     `--no_scan_layers`);
+     Face teacher (`convert.load_hf_bloom`, params on the loop's (1, -1, 1) mesh, stacked for nn.scan; decoding
+     runs them layer by layer, `decoding.per_layer`);
   2. the prompts are real teacher prompts: the `--teacher` (default CoT) prompt of the first `--num_prompts` / 2
      records of the embedded ECQA test and CREAK validation samples (`tasks/data`), made and tokenized by the loop's
      own `annotate.prepare_chunk` (`annotation_inputs.sample(...).prompt(teacher)`) with the tokenizer fixture
@@ -23,15 +23,16 @@ the CPU:
      top_k=0, top_p=1.0, temperature=1.0, min_new_tokens=max_new_tokens=new_tokens, use_cache=True)` under
      `torch.inference_mode()`.
      Ours runs `--repeats` times (half before HF, half after, so that drifting background load hits both alike);
-     HF runs once over `--hf_prompts` of the prompts (default all; fewer are taken evenly spread over them).
+     HF runs once over `--hf_prompts` of the prompts (default 16, evenly spread over them; at 5 s a prompt all 64
+     would take 5 minutes).
      Samples/s = prompts / seconds (ours: the median run).
 
 torch uses as many intra-op threads as the machine has cores (`torch.set_num_threads`); XLA's CPU backend uses
 every core by default.
 
   python bench/annotate_throughput.py [--hidden_size 512 --num_layers 8 --num_heads 8 --vocab_size 32000]
-      [--num_prompts 64 --new_tokens 64 --batch_size 32 --hf_prompts N --repeats 2]
-      [--no_scan_layers] [--scan_unroll N] [--json OUT]
+      [--num_prompts 64 --new_tokens 256 --batch_size 32 --hf_prompts 16 --repeats 2]
+      [--first_phase_tokens N] [--json OUT]
 
 torch and transformers are needed only here: `pip install torch==2.13.0 transformers`.
 """
@@ -75,30 +76,26 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--num_prompts", type=int, default=64,
                       help="prompts annotated: the first half from ECQA test, the rest from CREAK validation")
   parser.add_argument("--teacher", default="cot", choices=list(rendering.TEACHERS), help="whose prompt")
-  parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per prompt, on both sides")
+  parser.add_argument("--new_tokens", type=int, default=256,
+                      help="tokens generated per prompt, on both sides (256: gin/runs/annotate.gin's MAX_NEW_TOKENS)")
   parser.add_argument("--batch_size", type=int, default=32,
                       help="ours: AnnotationConfig.batch_size (32, the loop's default, was also the fastest here)")
   parser.add_argument("--max_input_length", type=int, default=512, help="ours: AnnotationConfig.max_input_length")
-  parser.add_argument("--hf_prompts", type=int, default=None,
-                      help="HF: time only N of the prompts, evenly spread over them (default: all of them)")
+  parser.add_argument("--hf_prompts", type=int, default=16,
+                      help="HF: time only N of the prompts, evenly spread over them (at most --num_prompts)")
   parser.add_argument("--repeats", type=int, default=2,
                       help="timed runs of ours over all prompts (half before HF's, half after)")
   parser.add_argument("--check_prompts", type=int, default=3, help="prompts of the greedy check")
   parser.add_argument("--check_tokens", type=int, default=8, help="greedy tokens that must match per prompt")
-  parser.add_argument("--no_scan_layers", action="store_true",
-                      help="ours with its layers unrolled, as the loop loads a params checkpoint that records "
-                      "scan_layers=False (a Hugging Face teacher loads with nn.scan layers)")
-  parser.add_argument("--scan_unroll", type=int, default=1,
-                      help="ours: layers per nn.scan iteration (BloomConfig.scan_unroll; num_layers = fully unrolled "
-                      "with the stacked params kept), as the loop loads a checkpoint that records it")
+  parser.add_argument("--first_phase_tokens", type=int, default=decoding.DecodingConfig.first_phase_tokens,
+                      help="ours: DecodingConfig.first_phase_tokens (new tokens of the first decoding phase, the cache "
+                      "doubling in each later one; 0 = one phase over the whole cache)")
   parser.add_argument("--weight_noise", type=float, default=0.2,
                       help="std of extra Gaussian noise added to every weight of the random model, so that its greedy "
                       "continuations are not one repeated token (which would make the check say little)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
   args = parser.parse_args(argv)
-  if args.hf_prompts is None:
-    args.hf_prompts = args.num_prompts
   if not 1 <= args.hf_prompts <= args.num_prompts or args.repeats < 1 or args.num_prompts < 1:
     parser.error("need 1 <= --hf_prompts <= --num_prompts and --repeats >= 1")
   if not 1 <= args.check_prompts <= args.num_prompts or args.check_tokens < 1:
@@ -138,15 +135,14 @@ def load_prompts(args: argparse.Namespace, vocabulary: Any) -> list[tuple[int, l
 def build_teacher(args: argparse.Namespace, torch: Any, transformers: Any, mesh: Any) -> tuple[Any, bloom.Bloom, Any]:
   """(HF model, our model, our params): the random HF BLOOM of the other benchmarks (plus `--weight_noise`), saved
   with `save_pretrained` and loaded back as the annotation loop loads a Hugging Face teacher
-  (`convert.load_hf_bloom` onto the mesh; nn.scan layers unless `--no_scan_layers`)."""
+  (`convert.load_hf_bloom` onto the mesh)."""
   hf_model = make_hf_model(args, torch, transformers)
   with torch.no_grad():  # the other benchmarks' weights (init + 0.02 noise) make greedy decoding repeat one token
     for parameter in hf_model.parameters():
       parameter.add_(args.weight_noise * torch.randn_like(parameter))
   with tempfile.TemporaryDirectory() as hf_dir:
     hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir, mesh=mesh, dtype="float32", scan_layers=not args.no_scan_layers,
-                                          scan_unroll=args.scan_unroll)
+    model, params = convert.load_hf_bloom(hf_dir, mesh=mesh, dtype="float32")
   return hf_model, model, params
 
 
@@ -225,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   config = annotation_config(args, args.batch_size, args.new_tokens, 1.0)
   ours = Ours(model, params, mesh, config,
               decoding.DecodingConfig(max_new_tokens=args.new_tokens, eos_id=-1, temperature=1.0,
-                                      pad_id=vocabulary.pad_id))
+                                      pad_id=vocabulary.pad_id, first_phase_tokens=args.first_phase_tokens))
   start = time.perf_counter()
   ours(rows)
   compile_s = time.perf_counter() - start
@@ -291,8 +287,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "batches": [list(batch) for batch in batches]},
       "new_tokens": args.new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
       "num_params": num_params, "greedy_check": check, "compile_and_first_run_s": compile_s,
-      "hf_warmup_s": hf_warmup_s, "scan_layers": model.config.scan_layers,
-      "scan_unroll": model.config.scan_unroll, "weight_noise": args.weight_noise,
+      "hf_warmup_s": hf_warmup_s, "first_phase_tokens": args.first_phase_tokens,
+      "phase_ends": decoding.phase_ends(decoding.DecodingConfig(args.new_tokens,
+                                                                first_phase_tokens=args.first_phase_tokens)),
+      "weight_noise": args.weight_noise,
       "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
       **run_environment(torch, transformers),
@@ -320,8 +318,8 @@ def format_table(figures: dict[str, Any]) -> str:
            "do_sample, top_k 0, top_p 1.0, temperature 1.0, min_new_tokens = max_new_tokens"),
           ("version", f"jax {figures['versions']['jax']}, flax {figures['versions']['flax']}",
            f"torch {figures['versions']['torch']}, transformers {figures['versions']['transformers']}"),
-          ("layers", (f"nn.scan (unroll {figures['scan_unroll']})" if figures["scan_layers"] else
-                      "unrolled (--no_scan_layers)"), "nn.ModuleList"),
+          ("layers, cache", f"per layer (decoding.per_layer); cache grown in phases ending at "
+           f"{figures['phase_ends']} new tokens", "nn.ModuleList; DynamicCache"),
           ("threads", f"XLA CPU default (all cores); mesh {figures['mesh']}",
            f"torch.set_num_threads({figures['torch_threads']})")]
   config, prompts = figures["config"], figures["prompts"]

@@ -1,6 +1,8 @@
 """Batched KV-cache decoding: equals full recomputation, matches transformers, batch-size invariant, samples
 reproducibly per record."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,8 +169,9 @@ def test_sharded_generation_on_a_mesh_equals_one_device(tiny):
   for config in (decoding.DecodingConfig(6, eos_id=-1), decoding.DecodingConfig(6, eos_id=-1, temperature=1.0)):
     expected, expected_lengths = _generate(model, params, PROMPTS, config)
     tokens, mask = decoding.left_pad(PROMPTS)
+    phased = dataclasses.replace(config, first_phase_tokens=2)  # and the cache grows on the mesh: phases 2, 4, 6
     with partitioning.activation_rules(mesh):
-      out, lengths = decoding.jit_generate(model, config, mesh=mesh)(sharded, tokens, mask, np.arange(4, dtype=np.int32))
+      out, lengths = decoding.jit_generate(model, phased, mesh=mesh)(sharded, tokens, mask, np.arange(4, dtype=np.int32))
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(lengths, expected_lengths)
 
