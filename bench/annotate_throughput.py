@@ -6,8 +6,7 @@ the CPU:
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
      not trivial, plus `--weight_noise` so that greedy continuations are not one repeated token) and saved with
      `save_pretrained` into a temporary directory; ours loads that directory as the annotation loop loads a Hugging
-     Face teacher (`convert.load_hf_bloom`, params on the loop's (1, -1, 1) mesh, stacked for nn.scan; decoding
-     runs them layer by layer, `decoding.per_layer`);
+     Face teacher (`convert.load_model(..., scan_layers=False)`: per-layer params on the loop's (1, -1, 1) mesh);
   2. the prompts are real teacher prompts: the `--teacher` (default CoT) prompt of the first `--num_prompts` / 2
      records of the embedded ECQA test and CREAK validation samples (`tasks/data`), made and tokenized by the loop's
      own `annotate.prepare_chunk` (`annotation_inputs.sample(...).prompt(teacher)`) with the tokenizer fixture
@@ -135,14 +134,14 @@ def load_prompts(args: argparse.Namespace, vocabulary: Any) -> list[tuple[int, l
 def build_teacher(args: argparse.Namespace, torch: Any, transformers: Any, mesh: Any) -> tuple[Any, bloom.Bloom, Any]:
   """(HF model, our model, our params): the random HF BLOOM of the other benchmarks (plus `--weight_noise`), saved
   with `save_pretrained` and loaded back as the annotation loop loads a Hugging Face teacher
-  (`convert.load_hf_bloom` onto the mesh)."""
+  (`convert.load_model(..., scan_layers=False)` onto the mesh)."""
   hf_model = make_hf_model(args, torch, transformers)
   with torch.no_grad():  # the other benchmarks' weights (init + 0.02 noise) make greedy decoding repeat one token
     for parameter in hf_model.parameters():
       parameter.add_(args.weight_noise * torch.randn_like(parameter))
   with tempfile.TemporaryDirectory() as hf_dir:
     hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir, mesh=mesh, dtype="float32")
+    model, params = convert.load_model(hf_dir, mesh=mesh, dtype="float32", scan_layers=False)
   return hf_model, model, params
 
 
@@ -318,7 +317,7 @@ def format_table(figures: dict[str, Any]) -> str:
            "do_sample, top_k 0, top_p 1.0, temperature 1.0, min_new_tokens = max_new_tokens"),
           ("version", f"jax {figures['versions']['jax']}, flax {figures['versions']['flax']}",
            f"torch {figures['versions']['torch']}, transformers {figures['versions']['transformers']}"),
-          ("layers, cache", f"per layer (decoding.per_layer); cache grown in phases ending at "
+          ("layers, cache", f"per layer (loaded with scan_layers=False); cache grown in phases ending at "
            f"{figures['phase_ends']} new tokens", "nn.ModuleList; DynamicCache"),
           ("threads", f"XLA CPU default (all cores); mesh {figures['mesh']}",
            f"torch.set_num_threads({figures['torch_threads']})")]

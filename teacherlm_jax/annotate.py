@@ -61,6 +61,8 @@ class AnnotationConfig:
     max_new_tokens, temperature, top_k, top_p, stop_strings, seed: decoding (temperature 0 = greedy). A record's
       sampling stream is keyed by its input index, so outputs do not depend on batching or the process count.
     batch_size: rows per decoding batch (a multiple of the data-parallel mesh size); chunk_size: records per commit.
+    first_phase_tokens: `decoding.DecodingConfig.first_phase_tokens` (new tokens of the first decoding phase, the
+      KV cache doubling in each later one; 0 = one phase): speed and compile time only, not the output.
     mesh_shape: (data, fsdp, tensor), -1 = the rest; dtype: activation dtype of the teachers.
   """
 
@@ -77,6 +79,7 @@ class AnnotationConfig:
   seed: int = 0
   batch_size: int = 32
   chunk_size: int = 256
+  first_phase_tokens: int = 64
   mesh_shape: tuple[int, int, int] = (1, -1, 1)
   dtype: str = "float32"
 
@@ -92,9 +95,10 @@ class AnnotationConfig:
       raise ValueError("max_input_length, batch_size and chunk_size must be positive")
 
   def settings(self) -> dict[str, Any]:
-    """What decides the output (run.json): everything except batch size and mesh, which do not change it."""
+    """What decides the output (run.json): everything except batch size, decoding phases and mesh, which do not
+    change it."""
     settings = dataclasses.asdict(self)
-    for name in ("batch_size", "mesh_shape", "output_dir"):
+    for name in ("batch_size", "first_phase_tokens", "mesh_shape", "output_dir"):
       settings.pop(name)
     settings["teachers"] = [[name, _absolute(path)] for name, path in self.teachers]
     return settings
@@ -145,7 +149,8 @@ def decoding_config(config: AnnotationConfig, vocabulary: seqio.Vocabulary) -> d
   return decoding.DecodingConfig(
       max_new_tokens=config.max_new_tokens, eos_id=vocabulary.eos_id, temperature=config.temperature,
       top_k=config.top_k, top_p=config.top_p, pad_id=vocabulary.pad_id,
-      stop_sequences=tuple(tuple(vocabulary.encode(stop)) for stop in config.stop_strings))
+      stop_sequences=tuple(tuple(vocabulary.encode(stop)) for stop in config.stop_strings),
+      first_phase_tokens=config.first_phase_tokens)
 
 
 def prepare_chunk(items: Sequence[annotation_inputs.Item], teacher: str, config: AnnotationConfig,
@@ -204,7 +209,8 @@ def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabula
   """Annotates every uncommitted chunk of the input with one teacher."""
   committed = annotation_store.committed_chunks(config.output_dir, teacher)
   multihost_utils.sync_global_devices(f"annotate_{teacher}_scanned")  # nobody writes before everyone has looked
-  model, params = convert.load_model(path, mesh=mesh, dtype=config.dtype)
+  # Per-layer params: what decoding runs (no second, sliced copy of a scanned checkpoint's layers per call).
+  model, params = convert.load_model(path, mesh=mesh, dtype=config.dtype, scan_layers=False)
   stop = decoding_config(config, vocabulary)
   generate = decoding.jit_generate(model, stop, config.seed, mesh=mesh)
   process, processes = jax.process_index(), jax.process_count()
@@ -329,7 +335,8 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
              tfds_data_dir: Optional[str] = None, max_input_length: int = 512, too_long: str = "truncate_left",
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_strings: Sequence[str] = (), seed: int = 0, batch_size: int = 32, chunk_size: int = 256,
-             mesh_shape: Sequence[int] = (1, -1, 1), dtype: str = "float32") -> AnnotationSummary:
+             first_phase_tokens: int = 64, mesh_shape: Sequence[int] = (1, -1, 1),
+             dtype: str = "float32") -> AnnotationSummary:
   """The gin entry point (gin/runs/annotate.gin). `teachers` maps teacher names to checkpoints; without it the
   stage-3 teachers `teacher_names` of a curriculum run in `curriculum_dir` are used. See AnnotationConfig."""
   if teachers is None:
@@ -342,7 +349,7 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
       input=spec, output_dir=output_dir, teachers=tuple(teachers.items()), max_input_length=max_input_length,
       too_long=too_long, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       stop_strings=tuple(stop_strings), seed=seed, batch_size=batch_size, chunk_size=chunk_size,
-      mesh_shape=tuple(mesh_shape), dtype=dtype)
+      first_phase_tokens=first_phase_tokens, mesh_shape=tuple(mesh_shape), dtype=dtype)
   return run(config, vocabulary)
 
 

@@ -295,15 +295,17 @@ def load_hf_bloom(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
 
 def load_model(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
                rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
-               dtype: str = "float32") -> tuple[bloom.Bloom, dict]:
+               dtype: str = "float32", scan_layers: Optional[bool] = None) -> tuple[bloom.Bloom, dict]:
   """(model, params, on the mesh when given) from a params checkpoint, a training run's MODEL_DIR (its final_params)
-  or a Hugging Face BLOOM directory; `dtype` is the activation dtype."""
+  or a Hugging Face BLOOM directory; `dtype` is the activation dtype; `scan_layers` the params layout (None: the
+  checkpoint's; a Hugging Face directory loads scanned), e.g. False for decoding (`decoding.per_layer`)."""
+  layout = {} if scan_layers is None else {"scan_layers": scan_layers}
   resolved = checkpoints.resolve(path)
   if (epath.Path(resolved) / checkpoints.METADATA_FILE).exists():
-    config = dataclasses.replace(checkpoints.load_config(resolved), dtype=dtype)
+    config = dataclasses.replace(checkpoints.load_config(resolved), dtype=dtype, **layout)
     return bloom.Bloom(config), checkpoints.load_params(resolved, config, mesh=mesh, rules=rules)
   if (epath.Path(path) / CONFIG_FILE).exists():
-    return load_hf_bloom(path, mesh=mesh, rules=rules, dtype=dtype)
+    return load_hf_bloom(path, mesh=mesh, rules=rules, dtype=dtype, **layout)
   raise FileNotFoundError(f"{path}: neither a params checkpoint ({checkpoints.METADATA_FILE}), a training run with "
                           f"final_params, nor a Hugging Face directory ({CONFIG_FILE})")
 

@@ -201,6 +201,8 @@ def per_layer(model: bloom.Bloom, params) -> tuple[bloom.Bloom, dict]:
 
   Decoding steps run faster this way: every layer's cache is its own loop variable, updated in place, where
   `nn.scan` would slice and re-stack the stacked cache at every step. Compile time grows with the layer count.
+  The slices are a second copy of the layer params for the length of the call: for a large model load them per
+  layer instead (`convert.load_model(..., scan_layers=False)`, as the annotation loop does), and this is a no-op.
   """
   if not model.config.scan_layers:
     return model, params

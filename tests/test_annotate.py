@@ -95,9 +95,10 @@ def test_each_record_equals_decoding_it_alone(reference, hf_tiny_dir):
       assert record[field] == VOCABULARY.decode(out[0, :length[0]].tolist()).strip()
 
 
-def test_batch_size_and_chunking_do_not_change_the_output(reference, tmp_path):
+def test_batch_size_decoding_phases_and_chunking_do_not_change_the_output(reference, tmp_path):
   config, summary = reference
-  other = annotate.run(dataclasses.replace(config, output_dir=str(tmp_path / "b16"), batch_size=16), VOCABULARY)
+  other = annotate.run(dataclasses.replace(config, output_dir=str(tmp_path / "b16"), batch_size=16,
+                                           first_phase_tokens=2), VOCABULARY)  # phases of 2, 4 and 6 new tokens
   assert pathlib.Path(other.output).read_bytes() == pathlib.Path(summary.output).read_bytes()
   assert pathlib.Path(other.rejects).read_bytes() == pathlib.Path(summary.rejects).read_bytes()
 
@@ -146,7 +147,8 @@ def test_sampling_is_reproducible_per_record_and_stop_strings_cut(reference, tmp
   config, _ = reference
   sampled = dataclasses.replace(config, temperature=1.0, teachers=(("cot", TEACHER),), max_new_tokens=8)
   one = annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "s8")), VOCABULARY)
-  two = annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "s16"), batch_size=16), VOCABULARY)
+  two = annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "s16"), batch_size=16,
+                                         first_phase_tokens=3), VOCABULARY)
   assert pathlib.Path(one.output).read_bytes() == pathlib.Path(two.output).read_bytes()
   texts = [r["cot"] for r in _lines(one.output)]
   assert len(set(texts)) > len(texts) // 2  # records get their own samples

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
 from teacherlm_jax import checkpoints, convert, partitioning
+from teacherlm_jax.models import bloom
 
 from conftest import FIXTURES
 
@@ -137,6 +138,19 @@ def test_sharded_export_writes_a_valid_index_and_reimports_identically(ckpts, tm
   assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values()) == 81312 * 4
   _assert_bit_identical(tensors, _read_hf_tensors(SINGLE))
   _assert_trees_equal(convert.load_hf_bloom(str(out))[1], reference_params)
+
+
+def test_load_model_reads_every_checkpoint_kind_in_either_layer_layout(ckpts, reference_params):
+  """A params checkpoint (stored scanned) and a Hugging Face directory load as they are or per layer
+  (`scan_layers=False`, what decoding runs), with the same weights either way."""
+  per_layer = bloom.relayout_layers(reference_params, 2, scan_layers=False)
+  for path in (ckpts["single"], SINGLE):
+    model, params = convert.load_model(str(path))
+    assert model.config.scan_layers and "h" in params
+    _assert_trees_equal(params, reference_params)
+    model, params = convert.load_model(str(path), scan_layers=False)
+    assert not model.config.scan_layers and sorted(k for k in params if k.startswith("h")) == ["h_0", "h_1"]
+    _assert_trees_equal(params, per_layer)
 
 
 def test_parse_size_uses_decimal_units():
