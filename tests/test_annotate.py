@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 
-from tasks import rendering
 from teacherlm_jax import annotate, annotation_inputs, annotation_store, checkpoints, convert, decoding, vocabularies
 
 from conftest import FIXTURES
