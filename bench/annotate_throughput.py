@@ -53,7 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and model helpers are shared with the forward benchmark, so all benchmarks measure alike.
 from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                make_hf_model, markdown_table, publish, run_environment)
+                                make_hf_model, markdown_table, model_parser, publish, run_environment)
 
 from tasks import rendering  # noqa: E402
 from teacherlm_jax import annotate, annotation_inputs, convert, decoding, partitioning, vocabularies  # noqa: E402
@@ -67,11 +67,7 @@ TOKENIZER = "tests/fixtures/tokenizer/tokenizer.json"
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   """The command-line flags (model size, prompts, decoding, batch size, repeats, output file)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--hidden_size", type=int, default=512)
-  parser.add_argument("--num_layers", type=int, default=8)
-  parser.add_argument("--num_heads", type=int, default=8)
-  parser.add_argument("--vocab_size", type=int, default=32000)
+  parser = model_parser(__doc__)
   parser.add_argument("--num_prompts", type=int, default=64,
                       help="prompts annotated: the first half from ECQA test, the rest from CREAK validation")
   parser.add_argument("--teacher", default="cot", choices=list(rendering.TEACHERS), help="whose prompt")

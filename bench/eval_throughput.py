@@ -55,7 +55,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine, model and timing helpers are shared with the forward benchmark, so all benchmarks measure alike.
 from forward_throughput import (background_cores, build_models, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                markdown_table, publish, run_environment, time_interleaved)
+                                markdown_table, model_parser, publish, run_environment, time_interleaved)
 
 from teacherlm_jax import decoding, evaluate, partitioning, vocabularies  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -78,11 +78,7 @@ Request = tuple[tuple[str, int, int], list[int], list[int]]  # ((task, example, 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   """The command-line flags (model size, tasks, batch sizes, repeats, tolerance, output file)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--hidden_size", type=int, default=512)
-  parser.add_argument("--num_layers", type=int, default=8)
-  parser.add_argument("--num_heads", type=int, default=8)
-  parser.add_argument("--vocab_size", type=int, default=32000)
+  parser = model_parser(__doc__)
   parser.add_argument("--tasks", default="teacherlm_eval_ecqa",
                       help="comma-separated evaluation tasks whose examples are scored (e.g. "
                       "teacherlm_eval_ecqa,teacherlm_eval_mmlu)")

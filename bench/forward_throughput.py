@@ -40,13 +40,20 @@ from teacherlm_jax.models import bloom
 INSTALL_HINT = "pip install torch==2.13.0 transformers"
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-  """The command-line flags (model size, input shape, repeats, tolerance, output file)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_parser(doc: str) -> argparse.ArgumentParser:
+  """A parser (described by the first line of `doc`) with the model flags every benchmark shares: the random
+  BLOOM's size, 41.6M parameters by default."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--hidden_size", type=int, default=512)
   parser.add_argument("--num_layers", type=int, default=8)
   parser.add_argument("--num_heads", type=int, default=8)
   parser.add_argument("--vocab_size", type=int, default=32000)
+  return parser
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+  """The command-line flags (model size, input shape, repeats, tolerance, output file)."""
+  parser = model_parser(__doc__)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5, help="timed forwards of each model, after one warm-up")

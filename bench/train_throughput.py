@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and timing helpers are shared with the forward benchmark, so both measure alike.
 from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                build_models, markdown_table, publish, run_environment, time_interleaved)
+                                build_models, markdown_table, model_parser, publish, run_environment, time_interleaved)
 
 from teacherlm_jax import convert, partitioning, trainer  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -57,11 +57,7 @@ TARGET_RATIO = 1.5  # the trainer issue's target: at least 1.5x the Hugging Face
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   """The command-line flags (model size, batch shape, optimizer, steps, tolerance, output file)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--hidden_size", type=int, default=512)
-  parser.add_argument("--num_layers", type=int, default=8)
-  parser.add_argument("--num_heads", type=int, default=8)
-  parser.add_argument("--vocab_size", type=int, default=32000)
+  parser = model_parser(__doc__)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256, help="tokens per row the loss is computed on")
   parser.add_argument("--steps", type=int, default=5, help="timed train steps of each, after the warm-up")
