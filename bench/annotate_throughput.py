@@ -47,13 +47,13 @@ import tempfile
 import time
 from typing import Any, Optional
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and model helpers are shared with the forward benchmark, so all benchmarks measure alike.
-from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                make_hf_model, markdown_table, model_parser, publish, run_environment)
+from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch, machine_line,  # noqa: E402
+                                make_hf_model, markdown_table, model_parser, publish, run_environment,
+                                torch_on_all_cores, warn_if_busy)
 
 from tasks import rendering  # noqa: E402
 from teacherlm_jax import annotate, annotation_inputs, convert, decoding, partitioning, vocabularies  # noqa: E402
@@ -190,9 +190,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
 
-  cores = os.cpu_count() or 1
-  torch.set_num_threads(cores)
-  print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
+  cores = torch_on_all_cores(torch)
 
   vocabulary = vocabularies.HfTokenizerVocabulary(os.path.join(REPO, TOKENIZER))
   rows = load_prompts(args, vocabulary)
@@ -256,9 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   if not generated_ok:
     print(f"error: some prompt did not get exactly {args.new_tokens} new tokens", file=sys.stderr)
     return 1
-  if background is not None and background > 0.1:
-    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
-          "not those of an idle machine", file=sys.stderr)
+  warn_if_busy(background, cores)
 
   ours_median = statistics.median(ours_seconds)
   hf_total = sum(hf_seconds)
@@ -318,7 +314,6 @@ def format_table(figures: dict[str, Any]) -> str:
           ("threads", f"XLA CPU default (all cores); mesh {figures['mesh']}",
            f"torch.set_num_threads({figures['torch_threads']})")]
   config, prompts = figures["config"], figures["prompts"]
-  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
   setup = (f"config: hidden {config['hidden_size']}, layers {config['num_layers']}, heads {config['num_heads']}, "
            f"vocab {config['vocab_size']}; {figures['num_params']:,} parameters; float32; weights: init + 0.02 + "
            f"{figures['weight_noise']:g} Gaussian noise\n"
@@ -329,8 +324,7 @@ def format_table(figures: dict[str, Any]) -> str:
            f"{figures['new_tokens']} new tokens each on both sides\n"
            f"greedy check: {figures['greedy_check']['tokens']} tokens of {figures['greedy_check']['prompts']} prompts "
            f"identical; ours' first call (compile + run) {figures['compile_and_first_run_s']:.1f} s, not timed\n"
-           f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
-           f"{background}; Python {figures['versions']['python']}")
+           + machine_line(figures))
   return markdown_table(rows) + "\n\n" + setup
 
 

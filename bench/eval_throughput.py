@@ -55,7 +55,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine, model and timing helpers are shared with the forward benchmark, so all benchmarks measure alike.
 from forward_throughput import (background_cores, build_models, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                markdown_table, model_parser, publish, run_environment, time_interleaved)
+                                machine_line, markdown_table, model_parser, publish, run_environment,
+                                time_interleaved, torch_on_all_cores, warn_if_busy)
 
 from teacherlm_jax import decoding, evaluate, partitioning, vocabularies  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -312,7 +313,6 @@ def format_table(figures: dict[str, Any]) -> str:
           row("threads", lambda n, c: ("XLA CPU default (all cores)" if n.startswith("teacherlm") else
                                        f"torch.set_num_threads({figures['torch_threads']})"))]
   config, load = figures["config"], figures["workload"]
-  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
   tasks = "; ".join(f"{t['task']} {t['split']}: {t['examples']} examples x {t['options']} options, contexts "
                     f"{t['min_tokens']} .. {t['max_tokens']} tokens (mean {t['mean_tokens']:.1f})" for t in load)
   setup = (f"config: hidden {config['hidden_size']}, layers {config['num_layers']}, heads {config['num_heads']}, "
@@ -324,8 +324,7 @@ def format_table(figures: dict[str, Any]) -> str:
            f"max abs diff vs the per-pair peer {figures['check']['max_abs_diff']:.2e} (atol {figures['atol']}); "
            f"all {figures['options']} options of the timed runs: ours {figures['final_max_abs_diff']:.2e}, same "
            f"prediction on {100 * figures['prediction_agreement']:.0f}% of the examples\n"
-           f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
-           f"{background}; Python {figures['versions']['python']}")
+           + machine_line(figures))
   return wide_table(rows) + "\n\n" + setup
 
 
@@ -333,9 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
 
-  cores = os.cpu_count() or 1
-  torch.set_num_threads(cores)
-  print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
+  cores = torch_on_all_cores(torch)
 
   vocabulary = vocabularies.HfTokenizerVocabulary(os.path.join(REPO, TOKENIZER))
   workload = load_workload(args)
@@ -406,9 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   before = cpu_seconds()
   timing = time_interleaved({name: timed(name) for name in runs}, args.repeats)
   background = background_cores(before, cpu_seconds())
-  if background is not None and background > 0.1:
-    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
-          "not those of an idle machine", file=sys.stderr)
+  warn_if_busy(background, cores)
 
   results = {}
   for name, seconds in timing.items():

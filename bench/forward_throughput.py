@@ -139,6 +139,29 @@ def make_hf_model(args: argparse.Namespace, torch: Any, transformers: Any) -> An
   return model
 
 
+def torch_on_all_cores(torch: Any) -> int:
+  """Gives torch one intra-op thread per core (XLA's CPU backend uses every core by default) and says so; returns
+  the number of cores."""
+  cores = os.cpu_count() or 1
+  torch.set_num_threads(cores)
+  print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
+  return cores
+
+
+def warn_if_busy(background: Optional[float], cores: int) -> None:
+  """Warns (stderr) when other processes kept more than 0.1 cores busy while timing."""
+  if background is not None and background > 0.1:
+    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
+          "not those of an idle machine", file=sys.stderr)
+
+
+def machine_line(figures: dict[str, Any]) -> str:
+  """The footer line every benchmark prints under its table: CPU, cores, background load, Python."""
+  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
+  return (f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
+          f"{background}; Python {figures['versions']['python']}")
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
   """Wall-clock seconds of `repeats` calls of each of `calls` (each must return only once its work is done).
 
@@ -166,14 +189,12 @@ def format_table(figures: dict[str, Any]) -> str:
            f"torch {figures['versions']['torch']}, transformers {figures['versions']['transformers']}"),
           ("threads", "XLA CPU default (all cores)", f"torch.set_num_threads({figures['torch_threads']})")]
   config, shape = figures["config"], figures["inputs"]
-  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
   setup = (f"config: hidden {config['hidden_size']}, layers {config['num_layers']}, heads {config['num_heads']}, "
            f"vocab {config['vocab_size']}; {figures['num_params']:,} parameters; float32\n"
            f"inputs: batch {shape['batch_size']} x seq {shape['seq_len']} = {shape['tokens']} tokens per forward; "
            f"{figures['repeats']} timed forwards each after 1 warm-up; logits max abs diff "
            f"{figures['max_abs_diff']:.2e}\n"
-           f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
-           f"{background}; Python {figures['versions']['python']}")
+           + machine_line(figures))
   return markdown_table(rows) + "\n\n" + setup
 
 
@@ -234,9 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   torch, transformers = import_torch()
 
-  cores = os.cpu_count() or 1
-  torch.set_num_threads(cores)
-  print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
+  cores = torch_on_all_cores(torch)
 
   hf_model, model, params = build_models(args, torch, transformers)
   calls = forward_calls(args, torch, hf_model, model, params)
@@ -253,9 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results[name] = {"seconds": seconds, "median_s": median, "tokens_per_s": tokens / median}
     print(f"{name}: median {median:.3f} s over {args.repeats} forwards")
   background = background_cores(before, cpu_seconds())
-  if background is not None and background > 0.1:
-    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
-          "not those of an idle machine", file=sys.stderr)
+  warn_if_busy(background, cores)
 
   figures = {
       **results,

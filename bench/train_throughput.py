@@ -46,8 +46,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The machine and timing helpers are shared with the forward benchmark, so both measure alike.
-from forward_throughput import (background_cores, cpu_model, cpu_seconds, import_torch,  # noqa: E402
-                                build_models, markdown_table, model_parser, publish, run_environment, time_interleaved)
+from forward_throughput import (background_cores, build_models, cpu_model, cpu_seconds, import_torch,  # noqa: E402
+                                machine_line, markdown_table, model_parser, publish, run_environment,
+                                time_interleaved, torch_on_all_cores, warn_if_busy)
 
 from teacherlm_jax import convert, partitioning, trainer  # noqa: E402
 from teacherlm_jax.models import bloom  # noqa: E402
@@ -300,7 +301,6 @@ def format_table(figures: dict[str, Any]) -> str:
           ("threads", f"XLA CPU default (all cores); mesh {figures['mesh']}",
            f"torch.set_num_threads({figures['torch_threads']})")]
   config, shape = figures["config"], figures["inputs"]
-  background = "unknown" if figures["background_cores"] is None else f"{figures['background_cores']:.2f}"
   setup = (f"config: hidden {config['hidden_size']}, layers {config['num_layers']}, heads {config['num_heads']}, "
            f"vocab {config['vocab_size']}; {figures['num_params']:,} parameters; float32; "
            f"{figures['model_flops_per_token'] / 1e6:.1f} MFLOP per token (trainer.model_flops_per_token)\n"
@@ -314,8 +314,7 @@ def format_table(figures: dict[str, Any]) -> str:
            f"clip global norm {optim['max_grad_norm']:g}\n"
            f"peak (estimate): {figures['peak_flops'] / 1e9:.0f} GFLOP/s = best float32 {figures['peak_size']}^2 "
            f"matmul in numpy on all cores\n"
-           f"machine: {figures['cpu']}, {figures['cores']} cores; cores kept busy by other processes while timing: "
-           f"{background}; Python {figures['versions']['python']}")
+           + machine_line(figures))
   return markdown_table(rows) + "\n\n" + setup
 
 
@@ -324,9 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   torch, transformers = import_torch()
   import optax
 
-  cores = os.cpu_count() or 1
-  torch.set_num_threads(cores)
-  print(f"torch intra-op threads: {torch.get_num_threads()} (= the {cores} cores); jax devices: {jax.devices()}")
+  cores = torch_on_all_cores(torch)
 
   hf_model, model, params = build_models(args, torch, transformers, scan_layers=not args.no_scan_layers,
                                          scan_unroll=args.scan_unroll)
@@ -354,9 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   peak = max(peaks)  # before and after timing: the better one is the less disturbed by other processes
   print(f"estimated peak: {peak / 1e9:.0f} GFLOP/s (best float32 {args.peak_size}^2 matmul in numpy; before / after "
         f"timing: {peaks[0] / 1e9:.0f} / {peaks[1] / 1e9:.0f})")
-  if background is not None and background > 0.1:
-    print(f"warning: other processes kept {background:.2f} of the {cores} cores busy while timing; these figures are "
-          "not those of an idle machine", file=sys.stderr)
+  warn_if_busy(background, cores)
 
   results = {}
   for name, seconds in timed.items():
