@@ -31,7 +31,7 @@ every core by default.
 
   python bench/annotate_throughput.py [--hidden_size 512 --num_layers 8 --num_heads 8 --vocab_size 32000]
       [--num_prompts 64 --new_tokens 256 --batch_size 32 --hf_prompts 16 --repeats 2]
-      [--first_phase_tokens N] [--json OUT]
+      [--first_phase_tokens N --phase_growth G] [--json OUT]
 
 torch and transformers are needed only here: `pip install torch==2.13.0 transformers`.
 """
@@ -84,7 +84,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--check_tokens", type=int, default=8, help="greedy tokens that must match per prompt")
   parser.add_argument("--first_phase_tokens", type=int, default=decoding.DecodingConfig.first_phase_tokens,
                       help="ours: DecodingConfig.first_phase_tokens (new tokens of the first decoding phase, the cache "
-                      "doubling in each later one; 0 = one phase over the whole cache)")
+                      "growing in each later one; 0 = one phase over the whole cache)")
+  parser.add_argument("--phase_growth", type=float, default=decoding.DecodingConfig.phase_growth,
+                      help="ours: DecodingConfig.phase_growth (each phase's new tokens over the previous phase's)")
   parser.add_argument("--weight_noise", type=float, default=0.2,
                       help="std of extra Gaussian noise added to every weight of the random model, so that its greedy "
                       "continuations are not one repeated token (which would make the check say little)")
@@ -214,7 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   config = annotation_config(args, args.batch_size, args.new_tokens, 1.0)
   ours = Ours(model, params, mesh, config,
               decoding.DecodingConfig(max_new_tokens=args.new_tokens, eos_id=-1, temperature=1.0,
-                                      pad_id=vocabulary.pad_id, first_phase_tokens=args.first_phase_tokens))
+                                      pad_id=vocabulary.pad_id, first_phase_tokens=args.first_phase_tokens,
+                                      phase_growth=args.phase_growth))
   start = time.perf_counter()
   ours(rows)
   compile_s = time.perf_counter() - start
@@ -278,9 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "batches": [list(batch) for batch in batches]},
       "new_tokens": args.new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
       "num_params": num_params, "greedy_check": check, "compile_and_first_run_s": compile_s,
-      "hf_warmup_s": hf_warmup_s, "first_phase_tokens": args.first_phase_tokens,
-      "phase_ends": decoding.phase_ends(decoding.DecodingConfig(args.new_tokens,
-                                                                first_phase_tokens=args.first_phase_tokens)),
+      "hf_warmup_s": hf_warmup_s, "first_phase_tokens": args.first_phase_tokens, "phase_growth": args.phase_growth,
+      "phase_ends": decoding.phase_ends(decoding.DecodingConfig(
+          args.new_tokens, first_phase_tokens=args.first_phase_tokens, phase_growth=args.phase_growth)),
       "weight_noise": args.weight_noise,
       "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,

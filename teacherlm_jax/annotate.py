@@ -62,7 +62,7 @@ class AnnotationConfig:
       sampling stream is keyed by its input index, so outputs do not depend on batching or the process count.
     batch_size: rows per decoding batch (a multiple of the data-parallel mesh size); chunk_size: records per commit.
     first_phase_tokens: `decoding.DecodingConfig.first_phase_tokens` (new tokens of the first decoding phase, the
-      KV cache doubling in each later one; 0 = one phase): speed and compile time only, not the output.
+      KV cache growing by half in each later one; 0 = one phase): speed and compile time only, not the output.
     mesh_shape: (data, fsdp, tensor), -1 = the rest; dtype: activation dtype of the teachers.
   """
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -48,9 +49,11 @@ class DecodingConfig:
     stop_sequences: token-id sequences that stop a row once its last generated tokens equal one (kept in the
       output, like EOS).
     first_phase_tokens: the decoding loop runs in phases whose KV cache grows with them: the first phase's cache
-      holds the prompt and this many new tokens, each later phase's twice as many (up to `max_new_tokens`), so
-      early steps attend over a short cache and rows that all stop early never touch a long one. Every phase
-      compiles its own loop; 0 = one phase over the whole cache.
+      holds the prompt and this many new tokens, each later phase's `phase_growth` times as many (up to
+      `max_new_tokens`), so early steps attend over a short cache and rows that all stop early never touch a long
+      one. Every phase compiles its own loop; 0 = one phase over the whole cache.
+    phase_growth: how much each phase's new tokens grow over the previous phase's (> 1). 1.5 reads about 10% less
+      cache than doubling at 256 new tokens, for one or two more loops to compile.
   """
 
   max_new_tokens: int = 64
@@ -61,12 +64,15 @@ class DecodingConfig:
   pad_id: int = 0
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   first_phase_tokens: int = 64
+  phase_growth: float = 1.5
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
     if self.first_phase_tokens < 0:
       raise ValueError(f"first_phase_tokens must be >= 0 (0 = one phase), got {self.first_phase_tokens}")
+    if not self.phase_growth > 1:
+      raise ValueError(f"phase_growth must be > 1, got {self.phase_growth}")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"invalid sampling settings: temperature {self.temperature} (>= 0), top_k {self.top_k} "
                        f"(>= 0), top_p {self.top_p} (in (0, 1])")
@@ -178,11 +184,11 @@ def constrain_cache(cache) -> dict:
 
 def phase_ends(config: DecodingConfig) -> list[int]:
   """The new-token counts at which the decoding phases end (see `DecodingConfig.first_phase_tokens`), e.g.
-  [64, 128, 256, 300] for 300 new tokens."""
+  [64, 96, 144, 216, 300] for 300 new tokens (each end is `phase_growth` times the previous, rounded up)."""
   end = config.first_phase_tokens or config.max_new_tokens
   ends = [min(end, config.max_new_tokens)]
   while ends[-1] < config.max_new_tokens:
-    ends.append(min(2 * ends[-1], config.max_new_tokens))
+    ends.append(min(math.ceil(config.phase_growth * ends[-1]), config.max_new_tokens))
   return ends
 
 

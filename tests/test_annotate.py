@@ -97,7 +97,7 @@ def test_each_record_equals_decoding_it_alone(reference, hf_tiny_dir):
 def test_batch_size_decoding_phases_and_chunking_do_not_change_the_output(reference, tmp_path):
   config, summary = reference
   other = annotate.run(dataclasses.replace(config, output_dir=str(tmp_path / "b16"), batch_size=16,
-                                           first_phase_tokens=2), VOCABULARY)  # phases of 2, 4 and 6 new tokens
+                                           first_phase_tokens=2), VOCABULARY)  # phases ending at 2, 3, 5, 6 new tokens
   assert pathlib.Path(other.output).read_bytes() == pathlib.Path(summary.output).read_bytes()
   assert pathlib.Path(other.rejects).read_bytes() == pathlib.Path(summary.rejects).read_bytes()
 

@@ -45,19 +45,26 @@ def test_greedy_with_the_cache_equals_full_recomputation(tiny):
 
 def test_decoding_in_phases_with_a_growing_cache_equals_one_phase(tiny):
   model, params = tiny
-  assert decoding.phase_ends(decoding.DecodingConfig(300)) == [64, 128, 256, 300]
-  assert decoding.phase_ends(decoding.DecodingConfig(7, first_phase_tokens=2)) == [2, 4, 7]
+  assert decoding.phase_ends(decoding.DecodingConfig(300)) == [64, 96, 144, 216, 300]
+  assert decoding.phase_ends(decoding.DecodingConfig(300, phase_growth=2)) == [64, 128, 256, 300]
+  assert decoding.phase_ends(decoding.DecodingConfig(7, first_phase_tokens=2)) == [2, 3, 5, 7]
+  assert decoding.phase_ends(decoding.DecodingConfig(9, first_phase_tokens=1, phase_growth=1.01)) == list(range(1, 10))
   assert decoding.phase_ends(decoding.DecodingConfig(7, first_phase_tokens=0)) == [7]
-  for temperature in (1.0, 0.0):
+  with pytest.raises(ValueError, match="phase_growth must be > 1"):
+    decoding.DecodingConfig(7, phase_growth=1.0)
+  for temperature in (0.0, 1.0):
     one, one_lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(
         7, eos_id=-1, temperature=temperature, first_phase_tokens=0))
     phased, phased_lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(
         7, eos_id=-1, temperature=temperature, first_phase_tokens=2))
     np.testing.assert_array_equal(phased, one)
     np.testing.assert_array_equal(phased_lengths, one_lengths)
-  eos = int(one[0, 2])  # greedy: row 0 stops inside the second phase, the others go on
-  stopped, lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(7, eos_id=eos, first_phase_tokens=2))
-  assert lengths[0] == list(one[0]).index(eos) + 1 and not stopped[0, lengths[0]:].any()
+  # a row whose sampled 4th or 5th token is new to it stops there, inside the third phase; the others go on
+  row, step = next((r, i) for r in range(len(PROMPTS)) for i in (3, 4) if one[r, i] not in one[r, :i])
+  stopped, lengths = _generate(model, params, PROMPTS, decoding.DecodingConfig(
+      7, eos_id=int(one[row, step]), temperature=1.0, first_phase_tokens=2))
+  assert lengths[row] == step + 1 and not stopped[row, step + 1:].any()
+  np.testing.assert_array_equal(stopped[row, :step + 1], one[row, :step + 1])
 
 
 def test_greedy_matches_transformers_generate(tiny):
@@ -169,7 +176,7 @@ def test_sharded_generation_on_a_mesh_equals_one_device(tiny):
   for config in (decoding.DecodingConfig(6, eos_id=-1), decoding.DecodingConfig(6, eos_id=-1, temperature=1.0)):
     expected, expected_lengths = _generate(model, params, PROMPTS, config)
     tokens, mask = decoding.left_pad(PROMPTS)
-    phased = dataclasses.replace(config, first_phase_tokens=2)  # and the cache grows on the mesh: phases 2, 4, 6
+    phased = dataclasses.replace(config, first_phase_tokens=2)  # and the cache grows on the mesh: 2, 3, 5, 6
     with partitioning.activation_rules(mesh):
       out, lengths = decoding.jit_generate(model, phased, mesh=mesh)(sharded, tokens, mask, np.arange(4, dtype=np.int32))
     np.testing.assert_array_equal(out, expected)
