@@ -49,6 +49,7 @@ FLOAT_BYTES = 4
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+  """The command-line flags (the run's JSON, repeats, output file)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("run", help="the JSON an `annotate_throughput.py --json` run wrote")
   parser.add_argument("--repeats", type=int, default=30,
@@ -185,6 +186,7 @@ def measure_kernels(run: dict[str, Any], config: bloom.BloomConfig, repeats: int
 
 
 def format_table(figures: dict[str, Any]) -> str:
+  """The estimates next to the run's measured seconds, with their ratios to the peer, then the kernel figures."""
   peer, limits = figures["peer_all_prompts_s"], figures["limits"]
   rows = [("", "seconds for the run's prompts", "ratio to the peer (samples/s)")]
   for label, key in (("the peer (transformers generate, batch 1), measured in the run", "peer_all_prompts_s"),
