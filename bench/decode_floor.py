@@ -157,8 +157,8 @@ def estimates(run: dict[str, Any], config: bloom.BloomConfig, limits: dict[str, 
   weight_bytes = matmul_flops(config, 1) / 2 * FLOAT_BYTES
   in_turn = overlapped = kernels = 0.0
   for _, rows, length in run["prompts"]["batches"]:
-    in_turn += prefill_flops(config, rows, length) / peak
-    overlapped += prefill_flops(config, rows, length) / peak
+    prefill_floor = prefill_flops(config, rows, length) / peak
+    in_turn, overlapped = in_turn + prefill_floor, overlapped + prefill_floor
     for step in range(1, run["new_tokens"]):
       flops, read = matmul_flops(config, rows), cache_bytes(config, rows, length + step)
       in_turn += flops / peak + read / bandwidth
