@@ -59,8 +59,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int, best: bool = False) -> float:
-  """Median (or with `best`, the least) wall-clock seconds of `fn(*args)` under jit, after a call that compiles."""
-  fn = jax.jit(fn)
+  """Median (or with `best`, the least) wall-clock seconds of `fn(*args)` (a jitted function, waited for), after
+  a first call that compiles."""
   jax.block_until_ready(fn(*args))
   seconds = []
   for _ in range(repeats):
@@ -74,9 +74,9 @@ def machine_limits(repeats: int) -> dict[str, float]:
   """Memory bandwidth (bytes/s of a 256 MB sum) and the float32 matmul peak (FLOP/s of a 2048^3 matmul), each from
   its fastest call: the limits, not typical rates."""
   array = jnp.ones((64 << 20,), jnp.float32)
-  bandwidth = array.size * FLOAT_BYTES / median_seconds(jnp.sum, array, repeats=repeats, best=True)
+  bandwidth = array.size * FLOAT_BYTES / median_seconds(jax.jit(jnp.sum), array, repeats=repeats, best=True)
   a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  peak = 2 * 2048 ** 3 / median_seconds(jnp.matmul, a, a, repeats=repeats, best=True)
+  peak = 2 * 2048 ** 3 / median_seconds(jax.jit(jnp.matmul), a, a, repeats=repeats, best=True)
   return {"bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": peak}
 
 
@@ -93,7 +93,7 @@ def step_matmuls(config: bloom.BloomConfig, rows: int, repeats: int) -> float:
       x = (x @ qkv)[:, :e] @ dense
       x = (x @ wi) @ wo
     return x @ weights[-1]
-  return median_seconds(step, x, weights, repeats=repeats)
+  return median_seconds(jax.jit(step), x, weights, repeats=repeats)
 
 
 def step_attention(config: bloom.BloomConfig, rows: int, length: int, repeats: int) -> float:
@@ -109,7 +109,7 @@ def step_attention(config: bloom.BloomConfig, rows: int, length: int, repeats: i
     for k, v in zip(caches[0::2], caches[1::2]):
       q = bloom.cached_dot_product_attention(q, k, v, bias)
     return q
-  return median_seconds(attend, q, caches, repeats=repeats)
+  return median_seconds(jax.jit(attend), q, caches, repeats=repeats)
 
 
 def prefill(model: bloom.Bloom, params: Any, rows: int, length: int, repeats: int) -> float:
@@ -117,13 +117,7 @@ def prefill(model: bloom.Bloom, params: Any, rows: int, length: int, repeats: in
   generate = decoding.jit_generate(model, decoding.DecodingConfig(1, eos_id=-1, temperature=1.0))
   tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (rows, length)).astype(np.int32)
   args = (params, tokens, np.ones_like(tokens), np.arange(rows, dtype=np.int32))
-  generate(*args)
-  seconds = []
-  for _ in range(max(1, repeats // 10)):
-    start = time.perf_counter()
-    generate(*args)
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
+  return median_seconds(generate, *args, repeats=max(1, repeats // 10))
 
 
 def matmul_flops(config: bloom.BloomConfig, rows: int) -> float:

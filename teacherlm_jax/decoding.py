@@ -1,7 +1,7 @@
 """Batched autoregressive decoding inside jit: one prefill pass over the prompts, then `lax.while_loop`s of token steps
 over the KV cache, stopping as soon as every row has produced EOS or `max_new_tokens`. The loop runs layer by layer
-(per-layer params and cache, even for a model trained with `nn.scan`) and in phases whose cache doubles, so a step
-attends over little more than the tokens so far.
+(per-layer params and cache, even for a model trained with `nn.scan`) and in phases whose cache grows with them
+(`DecodingConfig.first_phase_tokens`, `phase_growth`), so a step attends over little more than the tokens so far.
 
 Prompts are left-padded ([batch, prompt_length] with a mask), so every row's next token is read at the same column.
 Greedy decoding (temperature 0) or sampling with temperature, top-k and top-p. Every row samples with its own key,
