@@ -16,36 +16,16 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Sequence
 
-import tensorflow as tf
-
-from tasks import config, formats, rendering
+from tasks import config, formats, layouts, rendering, samples, students
 from tasks.registration import continuation, register_mixture, register_task
-from tasks.sources import Group, RenderedSource, list_files
+from tasks.sources import RenderedSource
 
 SPLITS = ("train", "validation")
-TEACHERDATA_FIELDS = {"id": str, "task": str, "question": str, "answer": str, "fundamentals": str,
-                      "chain_of_thought": str, "common_mistakes": str}
+TEACHER_FIELDS = ("fundamentals", "chain_of_thought", "common_mistakes")
+ANNOTATION_FIELDS = {"fundamentals": "fundamental", "chain_of_thought": "cot", "common_mistakes": "error"}
 STAGE3_TEACHERS = tuple(rendering.TEACHERS)  # fundamental, cot, common_mistakes
-
-
-def per_directory_groups(root: str, split: str) -> list[Group]:
-  """One group per sub-directory (a P3 prompt / a Muffin task) holding `<split>.jsonl` or `<split>.tfrecord*`."""
-  groups = []
-  for directory in sorted(tf.io.gfile.listdir(root)):
-    path = os.path.join(root, directory.rstrip("/"))
-    if not tf.io.gfile.isdir(path):
-      continue
-    files = list_files(os.path.join(path, f"{split}.jsonl")) + list_files(os.path.join(path, f"{split}.tfrecord*"))
-    groups.append(Group(f"{os.path.basename(root.rstrip('/'))}/{directory.rstrip('/')}", tuple(files)))
-  return groups
-
-
-def single_group(root: str, split: str) -> list[Group]:
-  """All of a corpus' `<split>.jsonl`, `<split>-*.jsonl` and `<split>.tfrecord*` files as one group."""
-  patterns = (f"{split}.jsonl", f"{split}-*.jsonl", f"{split}.tfrecord*")
-  files = [path for pattern in patterns for path in list_files(os.path.join(root, pattern))]
-  return [Group(f"{os.path.basename(root.rstrip('/'))}/{split}", tuple(files))]
 
 
 def render_inputs_targets(location: formats.Location, record: formats.Record) -> dict[str, str]:
@@ -55,18 +35,39 @@ def render_inputs_targets(location: formats.Location, record: formats.Record) ->
   return {"inputs": record[keys[0]], "targets": continuation(record[keys[1]]), "example_id": _example_id(location)}
 
 
+def teaching_fields(location: formats.Location, record: formats.Record, needed: Sequence[str] = TEACHER_FIELDS
+                    ) -> dict[str, str]:
+  """{id, question, answer, and the `needed` teacher fields} of a TeacherData record, by the configured field names
+  (`config.teacherdata_fields`), or of an annotation-loop output record as it is (`fundamental`, `cot`, `error`)."""
+  if all(field in record for field in ANNOTATION_FIELDS.values()):
+    sample = samples.sample(location, {k: v for k, v in record.items() if k not in students.ANNOTATION_FIELDS})
+    fields = {"question": sample.question, "answer": sample.answer}
+    formats.check_fields(location, record, {ANNOTATION_FIELDS[name]: str for name in needed})
+    fields.update({name: record[ANNOTATION_FIELDS[name]] for name in needed})
+  else:
+    names = config.teacherdata_fields()
+    optional = {names[name]: str for name in ("id", "task") if names[name]}
+    wanted = ("question", "answer") + tuple(needed)
+    formats.check_fields(location, record, {names[name]: str for name in wanted}, optional)
+    fields = {name: record[names[name]] for name in wanted}
+  identifier = record.get(config.teacherdata_fields()["id"] or "id")
+  fields["id"] = str(identifier) if identifier is not None else _example_id(location)
+  return fields
+
+
 def render_teacherdata(location: formats.Location, record: formats.Record, teacher: str | None) -> dict[str, str]:
   """TeacherData: five-field target (teacher=None) or one teacher's trigger prompt and field."""
-  formats.check_fields(location, record, TEACHERDATA_FIELDS)
-  question, answer = record["question"], record["answer"]
   if teacher is None:
-    inputs = rendering.rendered_sample(question, answer)
-    targets = rendering.teaching_target(record["fundamentals"], record["chain_of_thought"],
-                                        record["common_mistakes"])
+    fields = teaching_fields(location, record)
+    inputs = rendering.rendered_sample(fields["question"], fields["answer"])
+    targets = rendering.teaching_target(fields["fundamentals"], fields["chain_of_thought"],
+                                        fields["common_mistakes"])
   else:
-    inputs = rendering.teacher_prompt(question, answer, teacher)
-    targets = record[rendering.TEACHERS[teacher][2]]
-  return {"inputs": inputs, "targets": continuation(targets), "example_id": record["id"]}
+    field = rendering.TEACHERS[teacher][2]
+    fields = teaching_fields(location, record, (field,))
+    inputs = rendering.teacher_prompt(fields["question"], fields["answer"], teacher)
+    targets = fields[field]
+  return {"inputs": inputs, "targets": continuation(targets), "example_id": fields["id"]}
 
 
 def _example_id(location: formats.Location) -> str:
@@ -75,17 +76,17 @@ def _example_id(location: formats.Location) -> str:
 
 def register() -> None:
   features = ("inputs", "targets", "example_id")
-  register_task("teacherlm_p3_sense_3k", RenderedSource(
-      "p3_sense_3k", SPLITS, per_directory_groups, render_inputs_targets, features,
-      cap=functools.partial(config.caps, "p3_sense_3k")))
-  register_task("teacherlm_muffin_3w", RenderedSource(
-      "muffin_3w", SPLITS, per_directory_groups, render_inputs_targets, features,
-      cap=functools.partial(config.caps, "muffin_3w")))
+  for corpus, name, groups in (("p3_sense_3k", "teacherlm_p3_sense_3k", layouts.p3),
+                               ("muffin_3w", "teacherlm_muffin_3w", layouts.flan)):
+    register_task(name, RenderedSource(
+        corpus, SPLITS, groups, render_inputs_targets, features, cap=functools.partial(config.caps, corpus),
+        subsample_seed=functools.partial(config.subsample, corpus)))
+  teacherdata = functools.partial(layouts.single_group, prefix="teacherdata")
   register_task("teacherlm_teacherdata_2m", RenderedSource(
-      "teacherdata_2m", SPLITS, single_group, functools.partial(render_teacherdata, teacher=None), features))
+      "teacherdata_2m", SPLITS, teacherdata, functools.partial(render_teacherdata, teacher=None), features))
   for teacher in STAGE3_TEACHERS:
     register_task(f"teacherlm_teacherdata_2m_{teacher}", RenderedSource(
-        "teacherdata_2m", SPLITS, single_group, functools.partial(render_teacherdata, teacher=teacher), features))
+        "teacherdata_2m", SPLITS, teacherdata, functools.partial(render_teacherdata, teacher=teacher), features))
 
   register_mixture("teacherlm_stage1_multitask", ["teacherlm_p3_sense_3k", "teacherlm_muffin_3w"])
   register_mixture("teacherlm_stage2_personalization", ["teacherlm_teacherdata_2m"], rate=1.0)

@@ -46,6 +46,12 @@ class BadRecord(ValueError):
     return {"file": self.location.path, self.location.unit: self.location.line, "field": self.field,
             "reason": self.reason}
 
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> "BadRecord":
+    """The inverse of `as_json`."""
+    unit = next(name for name in ("line", "record", "row") if name in data)
+    return cls(Location(data["file"], int(data[unit]), unit), data["field"], data["reason"])
+
 
 Item = tuple[Location, Union[Record, BadRecord]]
 
@@ -55,22 +61,30 @@ def iter_jsonl(path: str) -> Iterator[Item]:
   with tf.io.gfile.GFile(path, "rb") as handle:
     for number, raw in enumerate(handle, start=1):
       location = Location(path, number)
-      if not raw.strip():
-        continue
       try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as error:
-        yield location, BadRecord(location, None, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+        record = decode_jsonl_line(location, raw)
+      except BadRecord as error:
+        yield location, error
         continue
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError as error:
-        yield location, BadRecord(location, None, f"invalid JSON ({error.msg} at column {error.colno})")
-        continue
-      if not isinstance(record, dict):
-        yield location, BadRecord(location, None, f"expected a JSON object, got {type(record).__name__}")
-        continue
-      yield location, record
+      if record is not None:
+        yield location, record
+
+
+def decode_jsonl_line(location: Location, raw: bytes) -> Record | None:
+  """The object on one JSONL line (None for a blank line); raises `BadRecord` for bad UTF-8, JSON or a non-object."""
+  if not raw.strip():
+    return None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise BadRecord(location, None, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise BadRecord(location, None, f"invalid JSON ({error.msg} at column {error.colno})") from None
+  if not isinstance(record, dict):
+    raise BadRecord(location, None, f"expected a JSON object, got {type(record).__name__}")
+  return record
 
 
 def iter_tfrecord(path: str) -> Iterator[Item]:
@@ -88,10 +102,10 @@ def iter_tfrecord(path: str) -> Iterator[Item]:
       yield location, BadRecord(location, None, f"corrupted TFRecord ({error.message}); the rest of the file is "
                                                 "unreadable")
       return
-    yield location, _example_to_record(location, raw)
+    yield location, example_to_record(location, raw)
 
 
-def _example_to_record(location: Location, raw: bytes) -> Union[Record, BadRecord]:
+def example_to_record(location: Location, raw: bytes) -> Union[Record, BadRecord]:
   try:
     example = tf.train.Example.FromString(raw)
   except Exception as error:  # protobuf's DecodeError

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -108,6 +109,7 @@ def register_task(name: str, source: sources.RenderedSource, metric_fns: Sequenc
   """Registers (or replaces) a seqio Task over `source` with the shared features and preprocessors."""
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
+  source.task_name = name  # the key of its persisted scans (`sources.persisted_scans`)
   return seqio.TaskRegistry.add(name, source=source, preprocessors=list(PREPROCESSORS),
                                 output_features=OUTPUT_FEATURES, metric_fns=list(metric_fns),
                                 shuffle_buffer_size=10_000)
@@ -121,13 +123,30 @@ def register_mixture(name: str, task_names: Sequence[str], rate=None) -> seqio.M
   return seqio.MixtureRegistry.add(name, [(task, rate) for task in task_names])
 
 
-def examples_rate(task: seqio.Task) -> float:
-  """Mixing rate = the task's number of (capped) training examples, so every example is seen about once per epoch.
+@gin.configurable
+def examples_rate(task: seqio.Task, maximum: Optional[float] = None, temperature: float = 1.0,
+                  weights: Optional[Mapping[str, float]] = None) -> float:
+  """Examples-proportional mixing rate, as `seqio.mixing_rate_num_examples`: weight * min(n, maximum)^(1/T).
 
-  The caps are applied inside the sources (3,000 per P3 prompt, 30,000 per Muffin task), so a capped corpus weighs
-  what it contributes, not what it has on disk.
+  n is the task's number of (capped) training examples, so with the defaults every example is seen about once per
+  epoch; the caps are applied inside the sources (3,000 per P3 prompt, 30,000 per Muffin task), so a capped corpus
+  weighs what it contributes, not what it has on disk. `weights` multiplies a task's rate by its name (default 1).
+  For a cached task (seqio's offline caches, `python -m teacherlm_jax.prepare`) n comes from the cache's stats,
+  with no scan. In gin (train.gin's macros): MIXING_RATE_MAXIMUM, MIXING_RATE_TEMPERATURE, MIXING_WEIGHTS.
   """
-  return float(task.num_input_examples("train"))
+  if temperature <= 0:
+    raise ValueError(f"mixing temperature {temperature} must be > 0")
+  count = float(num_train_examples(task))
+  if maximum is not None:
+    count = min(count, float(maximum))
+  return float((weights or {}).get(task.name, 1.0)) * count ** (1.0 / temperature)
+
+
+def num_train_examples(task: seqio.Task) -> int:
+  """The task's training examples: from its cache's stats when cached, else its source's (capped) count."""
+  if task.supports_caching and task.cache_dir:
+    return int(task.get_cached_stats("train")["examples"])
+  return int(task.num_input_examples("train"))
 
 
 def continuation(text: str) -> str:

@@ -1,14 +1,21 @@
 """The training input pipeline: a seqio mixture as per-process numpy batches, resumable at an exact position.
 
-Each process reads its own shard (`seqio.ShardInfo(process_index, process_count)`) and yields its rows of the global
-batch. The pipeline is deterministic for a seed (seeded shuffle, fixed record order, repeat), so the position in the
-data is just the number of batches consumed: a restart rebuilds the pipeline and skips that many batches, and sees
-exactly the batches an uninterrupted run would have seen next.
+The data is read in `num_data_shards` disjoint shards (default: one per process); shard s fills rows
+[s * B/S, (s+1) * B/S) of every global batch and each process reads only the shards of its rows
+(`seqio.ShardInfo`; the sources open only their share of the files). Every shard is its own tf.data pipeline,
+deterministic for a seed (seeded file order per epoch, seeded shuffle buffer, seeded mixing).
+
+Resume without replay: `BatchIterator.save(directory)` writes each of this process's shard iterators with
+`tf.train.Checkpoint` (T5X's `checkpoint_input_pipeline`: the readers' file offsets, the shuffle buffers, the
+packing state) to `directory/shard-SSSSS-of-NNNNN`, and `BatchIterator(..., restore_from=directory)` continues
+from there, at a cost that does not grow with the position. Without a saved state (or with another shard count) a
+restart can still skip `batches_consumed` batches (replay), which the trainer logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -36,6 +43,7 @@ class DataConfig:
     loss_on_targets_only: put the loss on targets only (False: on the whole sequence, as the official release).
     keep_last_tokens: an example longer than inputs + targets length keeps its last tokens (the official release
       keeps the last 2,048) instead of its first.
+    shuffle_buffer_size: examples in each task's shuffle buffer (None: the task's own, 10,000).
     num_data_shards: how many disjoint shards the data is read in (None: one per process, as T5X). Shard s fills
       rows [s * B/S, (s+1) * B/S) of every global batch, and each process reads only the shards of its rows, so
       with a fixed number the global batches, and the training, do not depend on the number of processes.
@@ -50,6 +58,7 @@ class DataConfig:
   loss_on_targets_only: bool = True
   num_data_shards: Optional[int] = None
   keep_last_tokens: bool = False
+  shuffle_buffer_size: Optional[int] = None
 
 
 def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter:
@@ -58,22 +67,37 @@ def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter
       keep_last_tokens=config.keep_last_tokens)
 
 
+def shard_range(config: DataConfig, process_index: int, process_count: int) -> tuple[range, int]:
+  """(the data shards this process reads, the number of shards)."""
+  shards = config.num_data_shards or process_count
+  if shards % process_count or config.batch_size % shards:
+    raise ValueError(f"num_data_shards={shards} must be a multiple of the {process_count} processes and divide "
+                     f"batch_size={config.batch_size}")
+  return range(process_index * shards // process_count, (process_index + 1) * shards // process_count), shards
+
+
+def shard_dataset(config: DataConfig, shard: int, num_shards: int, *, shuffle: bool = True,
+                  num_epochs: Optional[int] = None) -> tf.data.Dataset:
+  """One data shard's rows of every global batch: dicts of int32 [batch_size / num_shards, length]."""
+  lengths = dict(config.task_feature_lengths)
+  lengths[EXAMPLE_HASH] = sum(lengths.values())  # room for one hash per packed example
+  mixed = mix(config, lengths, shuffle=shuffle, num_epochs=num_epochs,
+              shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards))
+  batches = converter(config)(mixed, lengths).batch(config.batch_size // num_shards, drop_remainder=True)
+  options = tf.data.Options()
+  # The Python steps (rendering, tokenizing) are pure functions of their inputs: the iterator state is the
+  # readers', buffers' and seeds' state, which tf.data saves; the functions have none to save.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  return batches.with_options(options)
+
+
 def dataset(config: DataConfig, *, shuffle: bool = True, num_epochs: Optional[int] = None,
             process_index: Optional[int] = None, process_count: Optional[int] = None) -> tf.data.Dataset:
   """This process's rows of every global batch: dicts of int32 [batch_size / process_count, length]."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  shards = config.num_data_shards or count
-  if shards % count or config.batch_size % shards:
-    raise ValueError(f"num_data_shards={shards} must be a multiple of the {count} processes and divide "
-                     f"batch_size={config.batch_size}")
-  lengths = dict(config.task_feature_lengths)
-  lengths[EXAMPLE_HASH] = sum(lengths.values())  # room for one hash per packed example
-  per_shard = []
-  for shard in range(index * shards // count, (index + 1) * shards // count):
-    mixed = mix(config, lengths, shuffle=shuffle, num_epochs=num_epochs,
-                shard_info=seqio.ShardInfo(index=shard, num_shards=shards))
-    per_shard.append(converter(config)(mixed, lengths).batch(config.batch_size // shards, drop_remainder=True))
+  shards, num_shards = shard_range(config, index, count)
+  per_shard = [shard_dataset(config, shard, num_shards, shuffle=shuffle, num_epochs=num_epochs) for shard in shards]
   if len(per_shard) == 1:
     return per_shard[0]
   return tf.data.Dataset.zip(tuple(per_shard)).map(
@@ -94,7 +118,8 @@ def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_ep
   datasets = []
   for task, _ in members:
     data = task.get_dataset(sequence_length=lengths, split=config.split, shuffle=shuffle, seed=config.seed,
-                            shard_info=shard_info, num_epochs=1, trim_output_features=not config.keep_last_tokens)
+                            shard_info=shard_info, num_epochs=1, trim_output_features=not config.keep_last_tokens,
+                            shuffle_buffer_size=config.shuffle_buffer_size, try_in_mem_cache=False)
     data = data.map(lambda example: {name: example[name] for name in features if name in example})
     datasets.append(data.repeat(num_epochs) if num_epochs != 1 else data)
   if len(datasets) == 1:
@@ -105,25 +130,72 @@ def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_ep
 
 
 class BatchIterator:
-  """Numpy batches of a `DataConfig`, counting what it hands out so that a restart can skip exactly that far."""
+  """Numpy batches of a `DataConfig` for this process, resumable from a saved iterator state (or by skipping)."""
 
-  def __init__(self, config: DataConfig, batches_consumed: int = 0, **dataset_kwargs):
+  def __init__(self, config: DataConfig, batches_consumed: int = 0, *, restore_from: Optional[str] = None,
+               shuffle: bool = True, num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    """
+    Args:
+      config: what to read.
+      batches_consumed: the position; without `restore_from`, that many batches are skipped (replayed).
+      restore_from: a directory written by `save` at that position: the iterators continue from there.
+      shuffle, num_epochs: as `dataset`.
+      process_index, process_count: this process (default: jax's).
+    """
     self.config, self.batches_consumed = config, batches_consumed
-    data = dataset(config, **dataset_kwargs).skip(batches_consumed).prefetch(2)
-    self._iterator = data.as_numpy_iterator()
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    self.shards, self.num_shards = shard_range(config, index, count)
+    self.records_skipped = 0
+    datasets = [shard_dataset(config, shard, self.num_shards, shuffle=shuffle, num_epochs=num_epochs)
+                for shard in self.shards]
+    if not restore_from and batches_consumed:
+      datasets = [data.skip(batches_consumed) for data in datasets]
+      self.records_skipped = batches_consumed
+    self._iterators = [iter(data.prefetch(2)) for data in datasets]
+    if restore_from:
+      self._restore(restore_from)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
+    parts = [{name: value.numpy() for name, value in next(iterator).items()} for iterator in self._iterators]
     self.batches_consumed += 1
-    return batch
+    if len(parts) == 1:
+      return parts[0]
+    return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
 
   def state(self) -> dict:
     """What a checkpoint stores to resume the data exactly."""
     return {"mixture_or_task_name": self.config.mixture_or_task_name, "seed": self.config.seed,
-            "batches_consumed": self.batches_consumed}
+            "batches_consumed": self.batches_consumed, "num_data_shards": self.num_shards}
+
+  def save(self, directory: str) -> list[str]:
+    """Writes this process's shard iterators to `directory` (synchronously); returns the checkpoint prefixes."""
+    tf.io.gfile.makedirs(directory)
+    prefixes = []
+    for shard, iterator in zip(self.shards, self._iterators):
+      prefixes.append(tf.train.Checkpoint(iterator=iterator).write(shard_prefix(directory, shard, self.num_shards)))
+    return prefixes
+
+  def _restore(self, directory: str) -> None:
+    for shard, iterator in zip(self.shards, self._iterators):
+      prefix = shard_prefix(directory, shard, self.num_shards)
+      if not tf.io.gfile.exists(prefix + ".index"):
+        raise FileNotFoundError(f"{prefix}: no saved input state for data shard {shard} of {self.num_shards}")
+      tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
+
+
+def shard_prefix(directory: str, shard: int, num_shards: int) -> str:
+  """The checkpoint prefix of one data shard's iterator state."""
+  return os.path.join(directory, f"shard-{shard:05d}-of-{num_shards:05d}")
+
+
+def has_saved_state(directory: str, shards: range, num_shards: int) -> bool:
+  """Whether `directory` holds the iterator states of these data shards (of `num_shards`)."""
+  return all(tf.io.gfile.exists(shard_prefix(directory, shard, num_shards) + ".index") for shard in shards)
 
 
 def example_hashes(batch: Mapping[str, np.ndarray]) -> list[int]:

@@ -33,10 +33,12 @@ from etils import epath
 from tqdm import tqdm
 
 from tasks import config as task_config
-from teacherlm_jax import checkpoints, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
+from tasks import sources as task_sources
+from teacherlm_jax import checkpoints, data_sources, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
 from teacherlm_jax.models import bloom
 
 log = logging.getLogger("teacherlm_jax")
+DATA_STATS_DIR = "data_stats"  # MODEL_DIR/data_stats: the persisted record counts of uncached sources
 # Peak dense bfloat16 FLOP/s per device, for the MFU estimate (override with `train.peak_flops_per_device`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
@@ -67,8 +69,8 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
           logical_axis_rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
           accumulation_steps: int = 1, save_every: int = 100, keep_checkpoints: Optional[int] = 3,
           log_every: int = 10, eval_every: int = 0, eval_batches: int = 4, eval_split: str = "validation",
-          seed: int = 0, peak_flops_per_device: Optional[float] = None, log_example_ids: bool = False
-          ) -> TrainResult:
+          seed: int = 0, peak_flops_per_device: Optional[float] = None, log_example_ids: bool = False,
+          checkpoint_input_pipeline: bool = True, allow_embedded_data: bool = False) -> TrainResult:
   """Trains `model_config` on `data_config` for `train_steps` optimizer steps into `model_dir`.
 
   Args:
@@ -83,7 +85,23 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
     log_every: write metrics every N steps. eval_every: evaluate on `eval_split` every N steps (0 = never).
     seed: parameter-initialisation seed. peak_flops_per_device: for MFU (default: a table by device kind).
     log_example_ids: append the example hashes of every step to model_dir/example_ids/process_<i>.jsonl.
+    checkpoint_input_pipeline: save the input iterators with every checkpoint (resume without replay; T5X's
+      option of the same name); False: a resume skips the consumed batches.
+    allow_embedded_data: let a model larger than `data_sources.EMBEDDED_DATA_MAX_PARAMS` train on the samples
+      embedded in the package (refused by default: a real run must bind the data roots).
   """
+  data_sources.check_embedded_data(data_config.mixture_or_task_name, model_config, allow_embedded_data)
+  with task_sources.persisted_scans(str(epath.Path(model_dir) / DATA_STATS_DIR)):
+    data_sources.log_sources(data_config.mixture_or_task_name, data_config.split)
+    return _train(model_config, data_config, optimizer_config, model_dir, train_steps, initial_checkpoint_path,
+                  mesh_shape, logical_axis_rules, accumulation_steps, save_every, keep_checkpoints, seed,
+                  peak_flops_per_device, log_example_ids, checkpoint_input_pipeline,
+                  dict(log_every=log_every, eval_every=eval_every, eval_batches=eval_batches, eval_split=eval_split))
+
+
+def _train(model_config, data_config, optimizer_config, model_dir, train_steps, initial_checkpoint_path, mesh_shape,
+           logical_axis_rules, accumulation_steps, save_every, keep_checkpoints, seed, peak_flops_per_device,
+           log_example_ids, checkpoint_input_pipeline, loop_options) -> TrainResult:
   mesh = partitioning.make_mesh(*mesh_shape)
   _check_batch(data_config.batch_size, accumulation_steps, mesh)
   model = bloom.Bloom(model_config)
@@ -94,17 +112,15 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
                                                   initial_checkpoint_path, seed, mesh, logical_axis_rules)
   log.info("%s", start)
   _write_config(model_dir)
-  batches = input_pipeline.BatchIterator(data_config, batches_consumed=batches_consumed)
+  batches = _batches(model_dir, manager.latest_step(), data_config, batches_consumed, checkpoint_input_pipeline)
   step_fn = trainer.jit_train_step(model, optimizer, accumulation_steps, shardings, mesh, logical_axis_rules,
                                    learning_rate_fn=trainer.learning_rate_schedule(optimizer_config))
   context = _RunContext(model_dir, model_config, data_config, mesh, logical_axis_rules, peak_flops_per_device,
-                        log_example_ids)
+                        log_example_ids, checkpoint_input_pipeline)
   with partitioning.activation_rules(mesh, logical_axis_rules), _sigterm_flag() as preempted:
-    state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted,
-                                  log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
-                                  eval_split=eval_split)
+    state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted, **loop_options)
   context.writer.close()
-  _finish(manager, state, batches, model_dir, model_config)
+  _finish(manager, state, batches, context)
   return TrainResult(model_dir, start, int(state.step), metrics, curve)
 
 
@@ -119,6 +135,7 @@ class _RunContext:
   rules: partitioning.LogicalAxisRules
   peak_flops_per_device: Optional[float]
   log_example_ids: bool
+  checkpoint_input_pipeline: bool = True
 
   def __post_init__(self):
     self.writer = metric_writers.create_default_writer(self.model_dir, just_logging=jax.process_index() > 0)
@@ -156,6 +173,29 @@ def _initial_state(manager, model_dir, model, optimizer, shardings, data_config,
     return state, 0, f"initialising params from {path} (INITIAL_CHECKPOINT_PATH; fresh optimizer state, step 0)"
   state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings)
   return state, 0, f"fresh initialisation of {model_dir} (seed {seed})"
+
+
+def _batches(model_dir: str, latest: Optional[int], data_config: input_pipeline.DataConfig, batches_consumed: int,
+             checkpoint_input: bool) -> input_pipeline.BatchIterator:
+  """The input iterator at the run's position: restored from the step's saved input state, else by skipping."""
+  if latest is None or not batches_consumed:
+    return input_pipeline.BatchIterator(data_config)
+  directory = train_checkpoints.input_state_dir(model_dir, latest)
+  shards, num_shards = input_pipeline.shard_range(data_config, jax.process_index(), jax.process_count())
+  if checkpoint_input and input_pipeline.has_saved_state(directory, shards, num_shards):
+    log.info("input pipeline: restored from %s (%d batches consumed, no replay)", directory, batches_consumed)
+    return input_pipeline.BatchIterator(data_config, batches_consumed, restore_from=directory)
+  log.warning("input pipeline: no saved input state for %d data shards at %s; skipping %d consumed batches "
+              "(replay)", num_shards, directory, batches_consumed)
+  return input_pipeline.BatchIterator(data_config, batches_consumed)
+
+
+def _save(manager, step: int, state, batches: input_pipeline.BatchIterator, context: "_RunContext") -> None:
+  """The step's input state (synchronously), then its orbax save (asynchronously); prunes old input states."""
+  if context.checkpoint_input_pipeline:
+    batches.save(train_checkpoints.input_state_dir(context.model_dir, step))
+  train_checkpoints.save(manager, step, state, batches.state(), context.model_config, force=True)
+  train_checkpoints.prune_input_states(context.model_dir, set(manager.all_steps()) | {step})
 
 
 def _check_same_data(model_dir: str, data_state: dict, data_config: input_pipeline.DataConfig) -> None:
@@ -202,7 +242,7 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
       metrics = {**metrics, **evaluation}
     if preempted() or manager.should_save(step):
       _checked(step_metrics, step, manager)
-      train_checkpoints.save(manager, step, state, batches.state(), context.model_config, force=True)
+      _save(manager, step, state, batches, context)
       if preempted():
         manager.wait_until_finished()
         raise Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
@@ -272,11 +312,12 @@ def _log_example_ids(model_dir: str, step: int, batch: dict) -> None:
     handle.write(json.dumps({"step": step, "hashes": input_pipeline.example_hashes(batch)}) + "\n")
 
 
-def _finish(manager, state, batches, model_dir: str, model_config: bloom.BloomConfig) -> None:
+def _finish(manager, state, batches, context: _RunContext) -> None:
   """Saves the last step, waits for all saves, and writes final_params once."""
+  model_dir, model_config = context.model_dir, context.model_config
   step = int(state.step)
   if manager.latest_step() != step:
-    train_checkpoints.save(manager, step, state, batches.state(), model_config, force=True)
+    _save(manager, step, state, batches, context)
   manager.wait_until_finished()
   final = epath.Path(model_dir) / train_checkpoints.FINAL_PARAMS_DIR
   source = f"{model_dir} step {step}"

@@ -1,12 +1,16 @@
 """Training checkpoints in MODEL_DIR: orbax `CheckpointManager` saves of the train state, data position and model.
 
   MODEL_DIR/checkpoints/<step>/state   train state (params, optimizer state, step), sharded arrays
-  MODEL_DIR/checkpoints/<step>/data    {"mixture_or_task_name", "seed", "batches_consumed"}: the exact data position
+  MODEL_DIR/checkpoints/<step>/data    {"mixture_or_task_name", "seed", "batches_consumed", "num_data_shards"}
   MODEL_DIR/checkpoints/<step>/model   the BloomConfig fields
+  MODEL_DIR/input_state/<step>/shard-SSSSS-of-NNNNN.{index,data-*}
+                                       each data shard's tf.data iterator at that step (`input_pipeline`), written
+                                       by the process that reads the shard, before the step's orbax save starts
   MODEL_DIR/final_params/              a params checkpoint (`teacherlm_jax.checkpoints`) written when training ends
 
 Saves are asynchronous and atomic: orbax writes a temporary directory and renames it when complete, so a save killed
-half-way is never restored (restores take the latest finalised step).
+half-way is never restored (restores take the latest finalised step). A step's input state is complete before its
+orbax save begins, so a finalised step always has it; input states of steps no longer kept are deleted.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from teacherlm_jax import checkpoints
 from teacherlm_jax.models import bloom
 
 CHECKPOINTS_DIR = "checkpoints"
+INPUT_STATE_DIR = "input_state"
 FINAL_PARAMS_DIR = checkpoints.FINAL_PARAMS_DIR
 # Fields that must match for a checkpoint to belong to this model (dtypes, remat and scanning may change).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads")
@@ -66,3 +71,18 @@ def restore(checkpoint_manager: ocp.CheckpointManager, step: int, abstract_state
 def abstract_like(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with shardings: the restore target of a sharded tree."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def input_state_dir(model_dir: str, step: int) -> str:
+  """Where the data shards' iterator states of `step` are."""
+  return str(epath.Path(model_dir) / INPUT_STATE_DIR / str(step))
+
+
+def prune_input_states(model_dir: str, keep: set[int]) -> None:
+  """Deletes the input states of steps not in `keep` (process 0; no process writes to an old step again)."""
+  root = epath.Path(model_dir) / INPUT_STATE_DIR
+  if jax.process_index() != 0 or not root.exists():
+    return
+  for child in root.iterdir():
+    if child.name.isdigit() and int(child.name) not in keep:
+      child.rmtree()

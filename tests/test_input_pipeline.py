@@ -1,9 +1,11 @@
 """Training input pipeline: every example once per epoch, exact resume by batch count, host shards."""
 
+import dataclasses
 import json
 import pathlib
 
 import numpy as np
+import pytest
 
 from tasks import registration
 from teacherlm_jax import input_pipeline
@@ -32,7 +34,36 @@ def test_resume_by_skipping_consumed_batches_is_exact():
     for name in expected:
       np.testing.assert_array_equal(actual[name], expected[name])
   assert resumed.state() == {"mixture_or_task_name": "teacherlm_stage2_personalization", "seed": 1,
-                             "batches_consumed": 5}
+                             "batches_consumed": 5, "num_data_shards": 1}
+
+
+def test_resume_from_saved_iterators_needs_no_replay(tmp_path):
+  """Two data shards in one process: each shard's iterator saved at batch 3 continues exactly, with nothing
+  skipped; a missing shard state is an error naming it."""
+  config = dataclasses.replace(CONFIG, num_data_shards=2)
+  uninterrupted = input_pipeline.BatchIterator(config, process_index=0, process_count=1)
+  batches = [next(uninterrupted) for _ in range(6)]
+  saved = input_pipeline.BatchIterator(config, process_index=0, process_count=1)
+  for _ in range(3):
+    next(saved)
+  prefixes = saved.save(str(tmp_path / "state"))
+  assert [pathlib.Path(p).name for p in prefixes] == ["shard-00000-of-00002", "shard-00001-of-00002"]
+  assert input_pipeline.has_saved_state(str(tmp_path / "state"), range(2), 2)
+  resumed = input_pipeline.BatchIterator(config, 3, restore_from=str(tmp_path / "state"), process_index=0,
+                                         process_count=1)
+  assert resumed.records_skipped == 0
+  for expected in batches[3:]:
+    actual = next(resumed)
+    for name in expected:
+      np.testing.assert_array_equal(actual[name], expected[name])
+  assert resumed.state()["batches_consumed"] == 6
+  # process 1 of 2 reads shard 1 only, and finds its state there
+  half = input_pipeline.BatchIterator(config, 3, restore_from=str(tmp_path / "state"), process_index=1,
+                                      process_count=2)
+  np.testing.assert_array_equal(next(half)["decoder_target_tokens"], batches[3]["decoder_target_tokens"][2:])
+  (tmp_path / "state" / "shard-00001-of-00002.index").unlink()
+  with pytest.raises(FileNotFoundError, match="shard-00001-of-00002: no saved input state for data shard 1 of 2"):
+    input_pipeline.BatchIterator(config, 3, restore_from=str(tmp_path / "state"), process_index=0, process_count=1)
 
 
 def test_two_processes_read_disjoint_halves_of_the_global_batch():

@@ -45,7 +45,7 @@ def p3_root(tmp_path_factory) -> pathlib.Path:
   (root / SMALL_PROMPT).mkdir()
   _write_jsonl(root / SMALL_PROMPT / "train.jsonl",
                [{"inputs": f"small question {i}", "targets": f"small answer {i}"} for i in range(SMALL)])
-  (root / "not_a_prompt.txt").write_text("files next to the prompt directories are ignored")
+  (root / "README.md").write_text("metadata next to the prompt directories is listed, not read")
   return root
 
 
@@ -204,23 +204,32 @@ def test_same_seed_same_batches_other_seed_other_batches(name):
 # -------------------------------------------------------------------------------------------------- host sharding
 
 
-def _check_shards(task_name: str, expected: int) -> None:
+def _check_shards(task_name: str, expected: int) -> list[list[str]]:
   everything = _ids(_examples(task_name))
   assert len(everything) == len(set(everything)) == expected
   shards = [_ids(_examples(task_name, shard_info=seqio.ShardInfo(index=i, num_shards=2))) for i in range(2)]
   assert all(len(shard) == len(set(shard)) for shard in shards)
   assert not set(shards[0]) & set(shards[1])
   assert set(shards[0]) | set(shards[1]) == set(everything)
-  assert abs(len(shards[0]) - len(shards[1])) <= 2, [len(shard) for shard in shards]
+  return shards
+
+
+def _files(ids: list[str]) -> set[str]:
+  return {example_id.rsplit(":", 1)[0] for example_id in ids}
 
 
 def test_host_sharding_embedded_teacherdata():
-  _check_shards("teacherlm_teacherdata_2m", expected=sum(1 for _ in EMBEDDED_TEACHERDATA.open()))
+  """One file, two hosts: record-level sharding, balanced."""
+  shards = _check_shards("teacherlm_teacherdata_2m", expected=sum(1 for _ in EMBEDDED_TEACHERDATA.open()))
+  assert abs(len(shards[0]) - len(shards[1])) <= 1
 
 
 def test_host_sharding_p3_groups(p3_root):
+  """Two prompt files, two hosts: each host reads whole files of its own (file-level sharding), capped."""
   gin.bind_parameter("data_root.p3_sense_3k", str(p3_root))
-  _check_shards("teacherlm_p3_sense_3k", expected=3000 + SMALL)
+  shards = _check_shards("teacherlm_p3_sense_3k", expected=3000 + SMALL)
+  assert _files(shards[0]) == {f"{SMALL_PROMPT}/train.jsonl"} and _files(shards[1]) == {f"{BIG_PROMPT}/{BIG_FILE}"}
+  assert sorted(len(shard) for shard in shards) == [SMALL, 3000]
 
 
 # ---------------------------------------------------------------------------------------------------- bad records

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from tasks import sources
 from teacherlm_jax import checkpoints, gin_utils, train, train_checkpoints, vocabularies
 from teacherlm_jax.models import bloom
 
@@ -89,8 +90,15 @@ def test_sigkill_then_restart_is_bit_identical_and_sees_every_example_once(unint
   assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   assert not (model_dir / "final_params").exists()
 
+  steps = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert sorted(int(p.name) for p in (model_dir / "input_state").iterdir()) == steps and 8 in steps
+  sources.clear_scan_cache()  # as a new process: the counts come from MODEL_DIR/data_stats
+  before = sources.records_rendered()
   result = _train(model_dir, 12, **{"train.log_example_ids": True})
   assert result.start.startswith(f"resuming {model_dir} from its checkpoint at step")
+  # the epoch's 200 records were read (into the shuffle buffer) before step 8: the restored iterators continue
+  # from there, and the counts are not rescanned, so the restart reads no record (a replay would read all 200)
+  assert sources.records_rendered() - before == 0
   jax.tree.map(np.testing.assert_array_equal, _final_params(model_dir), _final_params(reference_dir))
   resumed, reference = _steps_logged(model_dir), _steps_logged(reference_dir)
   assert resumed == reference and sorted(resumed) == list(range(1, 13))
