@@ -32,6 +32,8 @@ setuptools.setup(
         "etils>=1.15",
         "numpy>=2.0",
         "matplotlib>=3.8",  # the report's plots
+        "pyarrow>=25",  # Parquet corpora
+        "apache-beam>=2.77",  # python -m teacherlm_jax.prepare (seqio offline caches)
     ],
     extras_require={"test": ["pytest>=9"]},
 )

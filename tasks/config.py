@@ -130,3 +130,10 @@ def bad_record_policy(on_bad_record: str = "raise", rejects_dir: Optional[str] =
 def task_vocabulary(vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Vocabulary:
   """The vocabulary every registered task tokenizes with (default: bytes, for the tiny configs)."""
   return vocabulary or seqio.ByteVocabulary()
+
+
+@gin.configurable
+def cache_dirs(dirs: tuple = ()) -> tuple[str, ...]:
+  """Where prepared caches are looked for (`python -m teacherlm_jax.prepare --output_cache_dir`); train.gin's
+  CACHE_DIRS. A task is read from the first that holds it complete (seqio's global cache directories)."""
+  return tuple(dirs)

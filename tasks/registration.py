@@ -102,7 +102,9 @@ def example_hash(example_id: str) -> int:
   return int(tf.strings.to_hash_bucket_fast(example_id, HASH_BUCKETS)) + 1
 
 
-PREPROCESSORS = (add_example_hash, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim)
+# Offline caches (`python -m teacherlm_jax.prepare`) hold the examples up to the placeholder: hashed and tokenized.
+PREPROCESSORS = (add_example_hash, seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                 seqio.preprocessors.append_eos_after_trim)
 
 
 def register_task(name: str, source: sources.RenderedSource, metric_fns: Sequence = ()) -> seqio.Task:

@@ -250,7 +250,8 @@ class _Renderer:
 
 def rendered(renderer: _Renderer, path: tf.Tensor, csv_columns: tuple[str, ...], subsample_seed: Optional[int]
              ) -> tf.data.Dataset:
-  """Every raw element of one file as {features..., "status", "reason", "key"} (key: the subsample hash)."""
+  """Every raw element of one file as {features..., "status", "reason", "number", "key"} (key: the subsample
+  hash; number: the record's line / record / row in the file)."""
   output = (tf.string,) * len(renderer.features) + (tf.int32, tf.string)
 
   def render_batch(batch):
@@ -258,7 +259,8 @@ def rendered(renderer: _Renderer, path: tf.Tensor, csv_columns: tuple[str, ...],
     for value in values:
       value.set_shape([None])
     row = {name: value for name, value in zip(renderer.features, values)}
-    row.update(status=values[-2], reason=values[-1], key=_subsample_key(path, batch["number"], subsample_seed))
+    row.update(status=values[-2], reason=values[-1], number=batch["number"],
+               key=_subsample_key(path, batch["number"], subsample_seed))
     return row
 
   raw = _raw_records(path, renderer.kind, csv_columns).batch(RENDER_BATCH)

@@ -6,12 +6,14 @@ it to the log at the start of training, and `check_embedded_data` refuses a real
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import jax
 import numpy as np
 import seqio
+from etils import epath
 
 import tasks
 from tasks import config as task_config
@@ -21,6 +23,7 @@ log = logging.getLogger("teacherlm_jax")
 # Models above this many parameters may not train on the embedded samples unless allowed (the tiny configs of the
 # tests and the demo are far below it; the smallest published config, BLOOM-560M, is above it).
 EMBEDDED_DATA_MAX_PARAMS = 100_000_000
+FINGERPRINT_FILE = "teacherlm.json"  # in a prepared cache: what it was made from
 
 
 def members(name: str) -> list[tuple[seqio.Task, float]]:
@@ -59,17 +62,68 @@ def check_embedded_data(name: str, model_config: bloom.BloomConfig, allow_embedd
                      "samples anyway")
 
 
-def describe(name: str, split: str = "train") -> dict[str, Any]:
+def fingerprint(task: seqio.Task) -> dict[str, Any]:
+  """What a task's records depend on besides the files: its root, cap, subsample, selection, fields, vocabulary."""
+  source = task.source
+  return {"task": task.name, "root": source.root(), "cap": source.cap(), "subsample_seed": source.subsample_seed(),
+          "selection": [list(part) for part in task_config.selection(source.corpus or "")],
+          "flan": [task_config.flan_layout(), task_config.flan_task_field()],
+          "teacherdata_fields": task_config.teacherdata_fields(),
+          "vocabulary": vocabulary_id(task_config.task_vocabulary())}
+
+
+def vocabulary_id(vocabulary: seqio.Vocabulary) -> str:
+  """A description of a vocabulary that is the same in every process: its class, size and file content."""
+  content = getattr(vocabulary, "sha256", None)
+  return f"{type(vocabulary).__name__}(size={vocabulary.vocab_size}" + (f", sha256={content})" if content else ")")
+
+
+def check_cache(task: seqio.Task) -> None:
+  """Refuses a missing cache, or one made from another configuration than the current one, naming what differs."""
+  if not task.cache_dir:
+    raise FileNotFoundError(f"USE_CACHED=True but {task.name} is not cached in CACHE_DIRS "
+                            f"{seqio.utils.get_global_cache_dirs()}; run python -m teacherlm_jax.prepare "
+                            f"--tasks={task.name} --output_cache_dir=DIR with the same gin files and bindings")
+  stored = json.loads((epath.Path(task.cache_dir) / FINGERPRINT_FILE).read_text())
+  current = json.loads(json.dumps(fingerprint(task)))
+  differ = [f"{key}: cache {stored.get(key)!r} vs now {value!r}" for key, value in current.items()
+            if stored.get(key) != value]
+  if differ:
+    raise ValueError(f"the cache of {task.name} at {task.cache_dir} was made from another configuration "
+                     f"({'; '.join(differ)}); prepare it again, or set USE_CACHED=False")
+
+
+def describe(name: str, split: str = "train", use_cached: bool = False) -> dict[str, Any]:
   """Every task of `name`: its root, layout, groups (files, kept rows, capped count), excluded, metadata and
-  unread entries, and its mixing rate."""
+  unread entries, and its mixing rate; with `use_cached`, its prepared cache's groups and counts (nothing is read
+  but the cache's json files)."""
+  if use_cached:
+    seqio.add_global_cache_dirs(list(task_config.cache_dirs()))
   rows = []
   for task, rate in members(name):
     source = task.source
     entry: dict[str, Any] = {"task": task.name, "rate": rate, "corpus": corpus(task)}
-    if hasattr(source, "discover"):
+    if use_cached:
+      check_cache(task)
+      entry.update(_describe_cache(task, split))
+    elif hasattr(source, "discover"):
       entry.update(_describe_source(task, source, split))
     rows.append(entry)
   return {"name": name, "split": split, "tasks": rows}
+
+
+def _describe_cache(task: seqio.Task, split: str) -> dict[str, Any]:
+  directory = epath.Path(task.cache_dir)
+  made_from = json.loads((directory / FINGERPRINT_FILE).read_text())
+  counts = json.loads((directory / f"groups.{split}.json").read_text())
+  shards = sorted(str(path) for path in directory.glob(f"{split}.tfrecord-*"))
+  cap = made_from["cap"]
+  groups = [{"name": group, "files": [], "keep": [], "count": count, "rejects": 0,
+             "capped": cap is not None and count >= cap} for group, count in counts.items()]
+  return {"root": made_from["root"], "embedded": bool(task.source.corpus) and task_config.embedded_root(
+              task.source.corpus), "layout": f"prepared cache {directory} ({len(shards)} shards)", "cap": cap,
+          "subsample_seed": made_from["subsample_seed"], "examples": int(task.get_cached_stats(split)["examples"]),
+          "cached": True, "groups": groups, "excluded": [], "metadata": [], "unread": []}
 
 
 def _describe_source(task: seqio.Task, source, split: str) -> dict[str, Any]:
@@ -113,9 +167,9 @@ def lines(description: dict[str, Any]) -> list[str]:
   return out
 
 
-def log_sources(name: str, split: str = "train") -> None:
+def log_sources(name: str, split: str = "train", use_cached: bool = False) -> None:
   """Writes `lines(describe(...))` to the log (process 0)."""
   if jax.process_index() == 0:
-    for line in lines(describe(name, split)):
+    for line in lines(describe(name, split, use_cached)):
       log.info("%s", line)
 

@@ -24,7 +24,8 @@ import seqio
 import tensorflow as tf
 
 import tasks
-from teacherlm_jax import feature_converters
+from tasks import config as task_config
+from teacherlm_jax import data_sources, feature_converters
 
 EXAMPLE_HASH = feature_converters.EXAMPLE_HASH
 
@@ -44,6 +45,8 @@ class DataConfig:
     keep_last_tokens: an example longer than inputs + targets length keeps its last tokens (the official release
       keeps the last 2,048) instead of its first.
     shuffle_buffer_size: examples in each task's shuffle buffer (None: the task's own, 10,000).
+    use_cached: read the tasks' prepared caches (`python -m teacherlm_jax.prepare`) from `tasks.config.cache_dirs`:
+      no scan at start, mixing rates from the caches' stats, file-level host sharding over the cache shards.
     num_data_shards: how many disjoint shards the data is read in (None: one per process, as T5X). Shard s fills
       rows [s * B/S, (s+1) * B/S) of every global batch, and each process reads only the shards of its rows, so
       with a fixed number the global batches, and the training, do not depend on the number of processes.
@@ -59,6 +62,7 @@ class DataConfig:
   num_data_shards: Optional[int] = None
   keep_last_tokens: bool = False
   shuffle_buffer_size: Optional[int] = None
+  use_cached: bool = False
 
 
 def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter:
@@ -111,13 +115,19 @@ def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_ep
   seqio's own mixtures repeat before shuffling (mixing epochs) and stop at the first exhausted task; here each task
   sees each of its examples once per epoch, and a finite run (num_epochs=1) yields every example exactly once.
   """
+  if config.use_cached:
+    seqio.add_global_cache_dirs(list(task_config.cache_dirs()))
   provider = tasks.get_mixture_or_task(config.mixture_or_task_name)
   members = ([(task, provider.get_rate(task)) for task in provider.tasks] if isinstance(provider, seqio.Mixture)
              else [(provider, 1.0)])
   features = ("inputs", "targets", EXAMPLE_HASH)
+  if config.use_cached:
+    for task, _ in members:
+      data_sources.check_cache(task)
   datasets = []
   for task, _ in members:
     data = task.get_dataset(sequence_length=lengths, split=config.split, shuffle=shuffle, seed=config.seed,
+                            use_cached=config.use_cached,
                             shard_info=shard_info, num_epochs=1, trim_output_features=not config.keep_last_tokens,
                             shuffle_buffer_size=config.shuffle_buffer_size, try_in_mem_cache=False)
     data = data.map(lambda example: {name: example[name] for name in features if name in example})

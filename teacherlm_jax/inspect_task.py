@@ -3,11 +3,17 @@
   python -m teacherlm_jax.inspect_task --task teacherlm_stage2_personalization --split train --n 3 \
       [--feature_lengths inputs=1024,targets=1024] [--stats_examples 1000] [--gin_file=gin/models/tiny.gin] \
       [--gin.data_root.teacherdata_2m="'/data/teacherdata'"]
+  python -m teacherlm_jax.inspect_task --task teacherlm_stage1_multitask --sources [--sources_json sources.json] \
+      --gin.data_root.p3_sense_3k="'/data/P3'"
+
+--sources prints what training logs first: every root, its layout, the groups with their files and capped counts,
+what is excluded, metadata and skipped entries, and the mixing rates; --sources_json writes the same as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Iterable, Optional
 
@@ -15,7 +21,7 @@ import numpy as np
 
 import tasks
 from tasks import config as task_config
-from teacherlm_jax import gin_utils
+from teacherlm_jax import data_sources, gin_utils
 
 
 def parse_lengths(text: str) -> dict[str, int]:
@@ -77,8 +83,17 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--n", type=int, default=3, help="examples to print")
   parser.add_argument("--feature_lengths", default="inputs=1024,targets=1024")
   parser.add_argument("--stats_examples", type=int, default=1000, help="examples to compute token counts over")
+  parser.add_argument("--sources", action="store_true", help="print the roots, groups, files, counts and rates")
+  parser.add_argument("--sources_json", help="write the --sources account as JSON to this file")
   args = parser.parse_args(rest)
   gin_utils.parse_gin(gin_files, bindings)
+  if args.sources or args.sources_json:
+    account = data_sources.describe(args.task, args.split)
+    if args.sources_json:
+      with open(args.sources_json, "w", encoding="utf-8") as handle:
+        json.dump(account, handle, indent=1, ensure_ascii=False)
+    print("\n".join(data_sources.lines(account)))
+    return 0
   print(describe(args.task, args.split, args.n, parse_lengths(args.feature_lengths), args.stats_examples))
   return 0
 

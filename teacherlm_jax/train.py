@@ -92,7 +92,7 @@ def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataCo
   """
   data_sources.check_embedded_data(data_config.mixture_or_task_name, model_config, allow_embedded_data)
   with task_sources.persisted_scans(str(epath.Path(model_dir) / DATA_STATS_DIR)):
-    data_sources.log_sources(data_config.mixture_or_task_name, data_config.split)
+    data_sources.log_sources(data_config.mixture_or_task_name, data_config.split, data_config.use_cached)
     return _train(model_config, data_config, optimizer_config, model_dir, train_steps, initial_checkpoint_path,
                   mesh_shape, logical_axis_rules, accumulation_steps, save_every, keep_checkpoints, seed,
                   peak_flops_per_device, log_example_ids, checkpoint_input_pipeline,

@@ -1,5 +1,7 @@
-"""inspect_task prints rendered examples, token counts and truncation statistics."""
+"""inspect_task prints rendered examples, token counts and truncation statistics, and the data sources."""
 
+import json
+import pathlib
 import subprocess
 import sys
 
@@ -29,3 +31,22 @@ def test_command_line_with_gin_binding(tmp_path):
        "--gin.caps.p3_sense_3k=5"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "token counts over 20 examples" in result.stdout  # 4 prompts x the cap of 5 and "--- example 0" in result.stdout
+
+
+def test_sources_lists_roots_groups_exclusions_and_writes_json(tmp_path):
+  root = pathlib.Path(__file__).parent / "fixtures" / "corpora" / "p3_parquet"
+  out = tmp_path / "sources.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "teacherlm_jax.inspect_task", "--task", "teacherlm_stage1_multitask", "--sources",
+       "--sources_json", str(out), f"--gin.data_root.p3_sense_3k='{root}'", "--gin.caps.p3_sense_3k=70"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert f"root {root}, layout parquet, cap 70" in result.stdout
+  assert "group p3/ecqa_pick_the_answer: 70 examples from 1 file(s) capped" in result.stdout
+  assert "group p3/creak_claim_true_or_false: 60 examples from 1 file(s)\n" in result.stdout
+  assert "excluded creak_claim_true_or_false_score_eval (tasks.config.selection)" in result.stdout
+  assert "(embedded sample)" in result.stdout  # Muffin still reads the embedded sample
+  account = json.loads(out.read_text())
+  p3 = next(task for task in account["tasks"] if task["task"] == "teacherlm_p3_sense_3k")
+  assert p3["examples"] == 130 and p3["rate"] == 130.0 and not p3["embedded"]
+  assert [group["count"] for group in p3["groups"]] == [60, 70]

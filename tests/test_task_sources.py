@@ -177,6 +177,20 @@ def test_stage1_rates_are_the_capped_counts(p3_root, muffin_root):
   assert 0.09 <= from_muffin <= 0.16, from_muffin
 
 
+def test_mixing_rate_maximum_temperature_and_weights(p3_root, muffin_root):
+  gin.bind_parameter("data_root.p3_sense_3k", str(p3_root))
+  gin.bind_parameter("data_root.muffin_3w", str(muffin_root))
+  mixture = seqio.get_mixture_or_task("teacherlm_stage1_multitask")
+  gin.bind_parameter("examples_rate.maximum", 1000)
+  gin.bind_parameter("examples_rate.temperature", 2.0)
+  gin.bind_parameter("examples_rate.weights", {"teacherlm_muffin_3w": 3.0})
+  rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
+  assert rates == pytest.approx({"teacherlm_p3_sense_3k": 1000 ** 0.5, "teacherlm_muffin_3w": 3.0 * 40 ** 0.5})
+  gin.bind_parameter("examples_rate.temperature", 0.0)
+  with pytest.raises(ValueError, match="temperature 0.0 must be > 0"):
+    mixture.get_rate(mixture.tasks[0])
+
+
 # ---------------------------------------------------------------------------------------------------- determinism
 
 

@@ -177,3 +177,18 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 400
   manager = train_checkpoints.manager(str(model_dir), 1000, 3)
   assert manager.latest_step() == steps[0]
+
+
+def test_a_real_model_on_the_embedded_samples_is_refused(tmp_path):
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([GIN_FILES[0], str(REPO / "gin" / "models" / "bloom_560m.gin")], [
+        "MIXTURE_OR_TASK_NAME='teacherlm_stage1_multitask'", f"MODEL_DIR='{tmp_path}'",
+        f"TOKENIZER_PATH='{REPO / 'tests' / 'fixtures' / 'tokenizer' / 'tokenizer.json'}'"])
+    with pytest.raises(ValueError, match=r"559M-parameter model on the small samples embedded in the package "
+                                         r"\(muffin_3w, p3_sense_3k.*--gin.data_root.p3_sense_3k=.*"
+                                         r"--gin.train.allow_embedded_data=True"):
+      gin.get_configurable(train.train)()
+  finally:
+    gin.clear_config()
+  assert not (tmp_path / "checkpoints").exists()
