@@ -42,6 +42,8 @@ import tempfile
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import seqio
@@ -121,15 +123,18 @@ def file_kind(path: str) -> str:
 # ------------------------------------------------------------------------------------------------ raw records
 
 
-def _raw_records(path: tf.Tensor, kind: str, csv_columns: tuple[str, ...]) -> tf.data.Dataset:
-  """{"raw": bytes, "number": int64} of one file: a JSONL line, a serialized Example, or a JSON-encoded row."""
+def _raw_records(path: tf.Tensor, kind: str, csv_columns: tuple[str, ...],
+                 keep: tuple[tuple[str, Any], ...] = ()) -> tf.data.Dataset:
+  """{"raw": bytes, "number": int64} of one file: a JSONL line, a serialized Example, or a JSON-encoded row (of a
+  Parquet file, only the rows that `keep` selects: a Flan table is filtered per row group before it is decoded)."""
   if kind == "jsonl":
     raw = tf.data.TextLineDataset(path)
-  elif kind == "tfrecord":
-    raw = tf.data.TFRecordDataset(path)
+  elif kind == "tfrecord":  # a corrupted file ends at the corruption (the scan reports it: `corruption`)
+    raw = tf.data.TFRecordDataset(path).ignore_errors()
   elif kind == "parquet":
     groups = tf.py_function(lambda p: open_parquet(p.numpy().decode()).num_row_groups, [path], tf.int64)
-    rows = tf.data.Dataset.range(groups).map(lambda index: _vectors(_parquet_row_group, path, index))
+    read = functools.partial(_parquet_row_group, keep=keep)
+    rows = tf.data.Dataset.range(groups).map(lambda index: _vectors(read, path, index))
     return rows.unbatch().map(lambda raw, number: {"raw": raw, "number": number})
   elif kind == "csv":
     rows = tf.data.Dataset.from_tensors(path).map(
@@ -156,14 +161,23 @@ def open_parquet(path: str) -> pq.ParquetFile:
   return pq.ParquetFile(filesystem.open_input_file(inner))
 
 
-def _parquet_row_group(path: tf.Tensor, index: tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
-  """The rows of one row group as JSON objects {"r": row}, and their 1-based row numbers in the file."""
+def _parquet_row_group(path: tf.Tensor, index: tf.Tensor, keep: tuple[tuple[str, Any], ...] = ()
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The (kept) rows of one row group as JSON objects {"r": row}, and their 1-based row numbers in the file."""
   parquet = open_parquet(path.numpy().decode())
   index = int(index)
   first = sum(parquet.metadata.row_group(i).num_rows for i in range(index)) + 1
-  rows = parquet.read_row_group(index).to_pylist()
-  encoded = [json.dumps({"r": row}, ensure_ascii=False, default=_json_default) for row in rows]
-  return np.array(encoded, dtype=object), np.arange(first, first + len(rows), dtype=np.int64)
+  table = parquet.read_row_group(index)
+  numbers = np.arange(first, first + table.num_rows, dtype=np.int64)
+  for field, value in keep:
+    if field in table.column_names:
+      try:
+        mask = pc.equal(table[field], pa.scalar(value)).fill_null(False)
+      except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        continue  # another type: the renderer's own check (_kept) decides
+      table, numbers = table.filter(mask), numbers[np.asarray(mask)]
+  encoded = [json.dumps({"r": row}, ensure_ascii=False, default=_json_default) for row in table.to_pylist()]
+  return np.array(encoded, dtype=object), numbers
 
 
 def _json_default(value):
@@ -263,7 +277,7 @@ def rendered(renderer: _Renderer, path: tf.Tensor, csv_columns: tuple[str, ...],
                key=_subsample_key(path, batch["number"], subsample_seed))
     return row
 
-  raw = _raw_records(path, renderer.kind, csv_columns).batch(RENDER_BATCH)
+  raw = _raw_records(path, renderer.kind, csv_columns, renderer.keep).batch(RENDER_BATCH)
   return raw.map(render_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
@@ -309,6 +323,10 @@ class RenderedSource(seqio.DataSource):
   @property
   def features(self) -> tuple[str, ...]:
     return self._features
+
+  @property
+  def csv_columns(self) -> tuple[str, ...]:
+    return self._csv_columns
 
   def list_shards(self, split: str) -> Sequence[str]:
     return [path for group in self.groups(split) for path in group.files]
@@ -480,7 +498,11 @@ def _scan(source: RenderedSource, group: Group, cap: Optional[int], subsample_se
       counts.append(0)
       continue
     renderer = source.renderer(group, file_kind(path))
-    batches = rendered(renderer, tf.constant(path), source._csv_columns, subsample_seed).batch(4 * RENDER_BATCH)
+    corrupted = corruption(path) if renderer.kind == "tfrecord" else None
+    if corrupted and policy == "raise":
+      raise corrupted
+    rejects += [corrupted] if corrupted else []
+    batches = rendered(renderer, tf.constant(path), source.csv_columns, subsample_seed).batch(4 * RENDER_BATCH)
     for batch in batches.as_numpy_iterator():
       status, reasons, batch_keys = batch["status"], batch["reason"], batch["key"]
       for reason in reasons[status == BAD]:
@@ -503,11 +525,25 @@ def _scan(source: RenderedSource, group: Group, cap: Optional[int], subsample_se
   return ScanResult(sum(counts), tuple(counts), threshold, tuple(rejects))
 
 
+def corruption(path: str) -> Optional[formats.BadRecord]:
+  """The BadRecord of a TFRecord file's first corrupted record (where reading it stops), or None."""
+  number = 0
+  try:
+    for number, _ in enumerate(tf.data.TFRecordDataset(path).batch(1024).as_numpy_iterator(), start=1):
+      pass
+  except tf.errors.DataLossError as error:
+    good = sum(1 for _ in tf.data.TFRecordDataset(path).ignore_errors())
+    return formats.BadRecord(formats.Location(path, good + 1, "record"), None,
+                             f"corrupted TFRecord ({error.message.splitlines()[0][:120]}); the rest of the file is "
+                             "unreadable")
+  return None
+
+
 def _counts_under(source: RenderedSource, group: Group, seed: int, threshold: int) -> list[int]:
   """Per file: the valid records whose subsample key is at most `threshold`."""
   counts = []
   for path in group.files:
-    data = rendered(source.renderer(group, file_kind(path)), tf.constant(path), source._csv_columns, seed)
+    data = rendered(source.renderer(group, file_kind(path)), tf.constant(path), source.csv_columns, seed)
     data = data.filter(lambda row: tf.logical_and(tf.equal(row["status"], VALID), row["key"] <= threshold))
     counts.append(int(data.reduce(np.int64(0), lambda total, _: total + 1)))
   return counts

@@ -26,8 +26,15 @@ EMBEDDED_DATA_MAX_PARAMS = 100_000_000
 FINGERPRINT_FILE = "teacherlm.json"  # in a prepared cache: what it was made from
 
 
+def tasks_of(name: str) -> list[seqio.Task]:
+  """The tasks of a mixture, or [the task]."""
+  provider = tasks.get_mixture_or_task(name)
+  return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
 def members(name: str) -> list[tuple[seqio.Task, float]]:
-  """(task, mixing rate) of a mixture, or [(task, 1.0)] of a task."""
+  """(task, mixing rate) of a mixture, or [(task, 1.0)] of a task (rates may count the data: call it after the
+  cache directories are known)."""
   provider = tasks.get_mixture_or_task(name)
   if isinstance(provider, seqio.Mixture):
     return [(task, float(provider.get_rate(task))) for task in provider.tasks]
@@ -49,7 +56,7 @@ def check_embedded_data(name: str, model_config: bloom.BloomConfig, allow_embedd
   """Refuses a model above EMBEDDED_DATA_MAX_PARAMS on the samples embedded in the package, naming the flags."""
   if allow_embedded_data:
     return
-  embedded = sorted({corpus(task) for task, _ in members(name) if corpus(task) and
+  embedded = sorted({corpus(task) for task in tasks_of(name) if corpus(task) and
                      task_config.embedded_root(corpus(task))})
   if not embedded:
     return

@@ -77,7 +77,12 @@ class _ReadFile(_Worker):
     policy, _ = task_config.bad_record_policy()
     seed = source.subsample_seed()
     renderer = source.renderer(group, sources.file_kind(path))
-    data = sources.rendered(renderer, tf.constant(path), source._csv_columns, seed)
+    corrupted = sources.corruption(path) if renderer.kind == "tfrecord" else None
+    if corrupted and policy == "raise":
+      raise corrupted
+    if corrupted:
+      yield beam.pvalue.TaggedOutput("rejects", corrupted.as_json())
+    data = sources.rendered(renderer, tf.constant(path), source.csv_columns, seed)
     for batch in data.batch(4 * sources.RENDER_BATCH).as_numpy_iterator():
       for row in range(len(batch["status"])):
         status = int(batch["status"][row])

@@ -13,6 +13,18 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
+def clean_task_config():
+  """No gin binding, cached scan or discovered group leaks into (or out of) a test."""
+  import gin
+  from tasks import sources
+  gin.clear_config()
+  sources.clear_scan_cache()
+  yield
+  gin.clear_config()
+  sources.clear_scan_cache()
+
+
+@pytest.fixture
 def hf_tiny_dir() -> pathlib.Path:
   """A tiny random Hugging Face BLOOM (6 heads, perturbed LayerNorms) saved by transformers as one safetensors."""
   return FIXTURES / "hf_bloom_tiny"

@@ -28,6 +28,15 @@ def _configure(**bindings):
     gin.bind_parameter(name, value)
 
 
+@pytest.fixture(autouse=True)
+def no_cache_leaks():
+  """seqio keeps the cache directories and each task's found cache for the process: forget them after a test."""
+  yield
+  seqio.utils.set_global_cache_dirs([])
+  for name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.get(name)._cache_dir = None
+
+
 @pytest.fixture(scope="module")
 def sorted_teacherdata(tmp_path_factory) -> pathlib.Path:
   """4,000 TeacherData rows sorted by task (every row of a task, then the next): the fixture's rows, repeated."""
@@ -157,4 +166,22 @@ def test_skipped_bad_records_are_written_beside_the_cache(tmp_path):
                                                                           (10, "answer", "empty")]
   assert json.loads((directory / "stats.train.json").read_text())["examples"] == 18
   assert (directory / "COMPLETED").exists()
+  gin.clear_config()
+
+
+def test_the_cached_input_resumes_from_its_saved_iterators(caches, tmp_path):
+  _configure(**{"cache_dirs.dirs": [str(caches)]})
+  config = input_pipeline.DataConfig("teacherlm_stage1_multitask", {"inputs": 64, "targets": 64}, batch_size=4,
+                                     use_cached=True, num_data_shards=2)
+  uninterrupted = input_pipeline.BatchIterator(config, process_index=0, process_count=1)
+  batches = [next(uninterrupted) for _ in range(6)]
+  saved = input_pipeline.BatchIterator(config, process_index=0, process_count=1)
+  for _ in range(4):
+    next(saved)
+  saved.save(str(tmp_path / "state"))
+  resumed = input_pipeline.BatchIterator(config, 4, restore_from=str(tmp_path / "state"), process_index=0,
+                                         process_count=1)
+  for expected in batches[4:]:
+    actual = next(resumed)
+    assert all((actual[name] == expected[name]).all() for name in expected)
   gin.clear_config()

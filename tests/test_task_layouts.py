@@ -19,13 +19,7 @@ P3_PROMPTS = {"creak_claim_true_or_false": 60, "ecqa_pick_the_answer": 80}
 FLAN_TASKS = {"creak_fact_verification:1.0.0": 120, "ecqa_answer_question:1.0.0": 90, "ecqa_explanation:1.0.0": 60}
 
 
-@pytest.fixture(autouse=True)
-def clean_config():
-  gin.clear_config()
-  sources.clear_scan_cache()
-  yield
-  gin.clear_config()
-  sources.clear_scan_cache()
+pytestmark = pytest.mark.usefixtures("clean_task_config")
 
 
 def _bind(**bindings):

@@ -62,14 +62,7 @@ def muffin_root(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-@pytest.fixture(autouse=True)
-def clean_config():
-  """No gin binding or cached scan leaks into (or out of) a test."""
-  gin.clear_config()
-  sources.clear_scan_cache()
-  yield
-  gin.clear_config()
-  sources.clear_scan_cache()
+pytestmark = pytest.mark.usefixtures("clean_task_config")
 
 
 def _examples(task_name: str, split: str = "train", shard_info=None) -> list[dict]:
@@ -365,3 +358,25 @@ def test_unknown_split():
     task.get_dataset(sequence_length=None, split="test", shuffle=False)
   with pytest.raises(ValueError, match="no split 'test'"):
     task.num_input_examples("test")
+
+
+def test_a_corrupted_tfrecord_stops_with_its_record_or_is_a_counted_reject(tmp_path):
+  root = tmp_path / "teacherdata"
+  root.mkdir()
+  path = root / "train.tfrecord-00000-of-00001"
+  _write_tfrecord(path, (tf_example(**_good(i % 6)) for i in range(10)))
+  corrupted = bytearray(path.read_bytes())
+  corrupted[len(corrupted) // 2] ^= 0xFF
+  path.write_bytes(bytes(corrupted))
+  gin.bind_parameter("data_root.teacherdata_2m", str(root))
+  task = seqio.get_mixture_or_task("teacherlm_teacherdata_2m")
+  with pytest.raises(formats.BadRecord, match=rf"{path} record \d+: corrupted TFRecord .* the rest of the file is "
+                                              "unreadable"):
+    task.num_input_examples("train")
+  gin.bind_parameter("bad_record_policy.on_bad_record", "skip")
+  gin.bind_parameter("bad_record_policy.rejects_dir", str(tmp_path / "rejects"))
+  sources.clear_scan_cache()
+  count = task.num_input_examples("train")
+  assert 0 < count < 10 and len(_examples("teacherlm_teacherdata_2m")) == count
+  reject = json.loads((tmp_path / "rejects" / "teacherdata_train.rejects.jsonl").read_text())
+  assert reject["record"] == count + 1 and reject["reason"].startswith("corrupted TFRecord")
