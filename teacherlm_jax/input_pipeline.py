@@ -95,19 +95,6 @@ def shard_dataset(config: DataConfig, shard: int, num_shards: int, *, shuffle: b
   return batches.with_options(options)
 
 
-def dataset(config: DataConfig, *, shuffle: bool = True, num_epochs: Optional[int] = None,
-            process_index: Optional[int] = None, process_count: Optional[int] = None) -> tf.data.Dataset:
-  """This process's rows of every global batch: dicts of int32 [batch_size / process_count, length]."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  shards, num_shards = shard_range(config, index, count)
-  per_shard = [shard_dataset(config, shard, num_shards, shuffle=shuffle, num_epochs=num_epochs) for shard in shards]
-  if len(per_shard) == 1:
-    return per_shard[0]
-  return tf.data.Dataset.zip(tuple(per_shard)).map(
-      lambda *parts: {name: tf.concat([part[name] for part in parts], axis=0) for name in parts[0]})
-
-
 def mix(config: DataConfig, lengths: Mapping[str, int], *, shuffle: bool, num_epochs: Optional[int],
         shard_info: seqio.ShardInfo) -> tf.data.Dataset:
   """The tasks of a mixture (or one task), each shuffled within its epochs, sampled by the mixture's rates.
@@ -150,19 +137,19 @@ class BatchIterator:
       config: what to read.
       batches_consumed: the position; without `restore_from`, that many batches are skipped (replayed).
       restore_from: a directory written by `save` at that position: the iterators continue from there.
-      shuffle, num_epochs: as `dataset`.
+      shuffle, num_epochs: as `shard_dataset`.
       process_index, process_count: this process (default: jax's).
     """
     self.config, self.batches_consumed = config, batches_consumed
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     self.shards, self.num_shards = shard_range(config, index, count)
-    self.records_skipped = 0
+    self.batches_skipped = 0
     datasets = [shard_dataset(config, shard, self.num_shards, shuffle=shuffle, num_epochs=num_epochs)
                 for shard in self.shards]
     if not restore_from and batches_consumed:
       datasets = [data.skip(batches_consumed) for data in datasets]
-      self.records_skipped = batches_consumed
+      self.batches_skipped = batches_consumed
     self._iterators = [iter(data.prefetch(2)) for data in datasets]
     if restore_from:
       self._restore(restore_from)

@@ -51,7 +51,7 @@ def test_resume_from_saved_iterators_needs_no_replay(tmp_path):
   assert input_pipeline.has_saved_state(str(tmp_path / "state"), range(2), 2)
   resumed = input_pipeline.BatchIterator(config, 3, restore_from=str(tmp_path / "state"), process_index=0,
                                          process_count=1)
-  assert resumed.records_skipped == 0
+  assert resumed.batches_skipped == 0
   for expected in batches[3:]:
     actual = next(resumed)
     for name in expected:
