@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -57,6 +58,7 @@ VALID, BAD, SKIPPED = 0, 1, 2  # a rendered record's status; SKIPPED: blank line
 KEY_BUCKETS = 2**62
 CACHES: list[Callable[[], None]] = []  # cache_clear functions of per-process caches over the data (clear_scan_cache)
 _STATE = {"scan_dir": None, "rendered": 0}  # where scans persist; raw records rendered by this process
+_RENDERED_LOCK = threading.Lock()  # batches are rendered on several tf.data threads at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +239,8 @@ class _Renderer:
 
   def __call__(self, path: tf.Tensor, raw: tf.Tensor, number: tf.Tensor) -> list[np.ndarray]:
     path = path.numpy().decode()
-    _STATE["rendered"] += int(raw.shape[0])
+    with _RENDERED_LOCK:
+      _STATE["rendered"] += int(raw.shape[0])
     columns = {name: [] for name in self.features}
     status, reasons = [], []
     for value, line in zip(raw.numpy(), number.numpy()):
