@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
@@ -152,16 +153,6 @@ def shard_path(prefix: str, shard: int, num_shards: int) -> str:
   return f"{prefix}-{shard:05d}-of-{num_shards:05d}"
 
 
-def _stats(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
-  totals: dict[str, int] = {}
-  for name, value in pairs:
-    totals[name] = totals.get(name, 0) + value
-    if name != "examples":
-      maximum = name.replace("_tokens", "_max_tokens")
-      totals[maximum] = max(totals.get(maximum, 0), value)
-  return totals
-
-
 def _info(example: dict[str, np.ndarray], num_shards: int) -> dict[str, Any]:
   """seqio's info.<split>.json: feature dtypes and shapes (first dimension variable), the shard count."""
   features = {}
@@ -189,14 +180,19 @@ def build(pipeline: beam.Pipeline, task: seqio.Task, split: str, cache_dir: str,
   if cap is not None:
     records = (records | f"{name}/cap" >> beam.combiners.Top.SmallestPerKey(cap, key=lambda value: value[0])
                | f"{name}/capped" >> beam.FlatMap(lambda item: [(item[0], value) for value in item[1]]))
-  prefix = sources.os.path.join(cache_dir, f"{split}.tfrecord")
+  prefix = os.path.join(cache_dir, f"{split}.tfrecord")
   examples = (records | f"{name}/features" >> beam.Map(lambda item: item[1][1])
               | f"{name}/batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
               | f"{name}/preprocess" >> beam.ParDo(_Preprocess(gin_config, task.name)))
   _ = (examples | f"{name}/serialize" >> beam.Map(_serialized, num_shards)
        | f"{name}/by_shard" >> beam.GroupByKey() | f"{name}/write" >> beam.ParDo(_WriteShard(prefix, num_shards)))
-  _write_json(examples | f"{name}/count" >> beam.ParDo(_CountTokens(gin_config, task.name))
-              | f"{name}/stats_list" >> beam.combiners.ToList() | f"{name}/stats" >> beam.Map(_stats),
+  counts = examples | f"{name}/count" >> beam.ParDo(_CountTokens(gin_config, task.name))
+  totals = counts | f"{name}/sum" >> beam.CombinePerKey(sum)
+  maxima = (counts | f"{name}/token_counts" >> beam.Filter(lambda pair: pair[0] != "examples")
+            | f"{name}/max" >> beam.CombinePerKey(max)
+            | f"{name}/max_names" >> beam.Map(lambda pair: (pair[0].replace("_tokens", "_max_tokens"), pair[1])))
+  _write_json((totals, maxima) | f"{name}/stats_pairs" >> beam.Flatten()
+              | f"{name}/stats_list" >> beam.combiners.ToList() | f"{name}/stats" >> beam.Map(dict),
               name + "/write_stats", seqio.utils.get_cached_stats_path(cache_dir, split))
   _write_json(examples | f"{name}/sample" >> beam.combiners.Sample.FixedSizeGlobally(1)
               | f"{name}/info" >> beam.Map(lambda sample: _info(sample[0], num_shards) if sample else {}),
@@ -206,10 +202,9 @@ def build(pipeline: beam.Pipeline, task: seqio.Task, split: str, cache_dir: str,
               | f"{name}/group_counts" >> beam.combiners.Count.PerElement()
               | f"{name}/group_list" >> beam.combiners.ToList()
               | f"{name}/groups" >> beam.Map(lambda pairs: {group_names[g]: n for g, n in sorted(pairs)}),
-              name + "/write_groups", sources.os.path.join(cache_dir, f"groups.{split}.json"))
+              name + "/write_groups", os.path.join(cache_dir, f"groups.{split}.json"))
   _ = (read.rejects | f"{name}/rejects_list" >> beam.combiners.ToList()
-       | f"{name}/write_rejects" >> beam.Map(_write_rejects, sources.os.path.join(cache_dir,
-                                                                                 f"rejects.{split}.jsonl")))
+       | f"{name}/write_rejects" >> beam.Map(_write_rejects, os.path.join(cache_dir, f"rejects.{split}.jsonl")))
 
 
 def _write_json(values, label: str, path: str) -> None:
@@ -241,8 +236,8 @@ def prepare(names: Sequence[str], output_cache_dir: str, splits: Sequence[str] =
   written = []
   for name in task_names(names):
     task = seqio.TaskRegistry.get(name)
-    cache_dir = sources.os.path.join(output_cache_dir, seqio.utils.get_task_dir_from_name(name))
-    if tf.io.gfile.exists(sources.os.path.join(cache_dir, "COMPLETED")) and not overwrite:
+    cache_dir = os.path.join(output_cache_dir, seqio.utils.get_task_dir_from_name(name))
+    if tf.io.gfile.exists(os.path.join(cache_dir, "COMPLETED")) and not overwrite:
       log.info("%s: already cached at %s (pass --overwrite to prepare it again)", name, cache_dir)
       continue
     if not task.supports_caching:
@@ -261,7 +256,7 @@ def _finish(task: seqio.Task, cache_dir: str, splits: Sequence[str], num_shards:
   """Empty files for shards no record fell into, the fingerprint, then COMPLETED."""
   directory = epath.Path(cache_dir)
   for split in splits:
-    prefix = sources.os.path.join(cache_dir, f"{split}.tfrecord")
+    prefix = os.path.join(cache_dir, f"{split}.tfrecord")
     for shard in range(num_shards):
       if not tf.io.gfile.exists(shard_path(prefix, shard, num_shards)):
         tf.io.TFRecordWriter(shard_path(prefix, shard, num_shards)).close()
