@@ -67,8 +67,7 @@ def _unread(path: str, why: str, unread: list[tuple[str, str]]) -> None:
 def _split_files(directory: str, split: str) -> list[str]:
   """A folder's files of `split` in any readable format (the P3 and per-task-directory layouts)."""
   patterns = (f"{split}.jsonl", f"{split}-*.jsonl", f"{split}.tfrecord*", f"{split}-*.parquet", f"{split}.parquet")
-  files = sorted({path for pattern in patterns for path in list_files(os.path.join(directory, pattern))})
-  return [path for path in files if not path.endswith(".json")]
+  return sorted({path for pattern in patterns for path in list_files(os.path.join(directory, pattern))})
 
 
 def _readable(path: str) -> bool:
@@ -146,12 +145,13 @@ def _detect_flan_layout(root: str, split: str) -> str:
 
 
 def _table_files(root: str, split: str) -> list[str]:
+  """A Flan table's files of `split`: <split>[-*].{parquet,jsonl} in the root, its data/ or <split>/ folder, and any
+  Parquet file in <split>/."""
   patterns = [f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl", f"{split}-*.jsonl"]
   directories = [root, os.path.join(root, "data"), os.path.join(root, split)]
   files = {path for directory in directories for pattern in patterns
            for path in list_files(os.path.join(directory, pattern))}
-  files |= {path for pattern in ("*.parquet",) for path in list_files(os.path.join(root, split, pattern))}
-  return sorted(files)
+  return sorted(files | set(list_files(os.path.join(root, split, "*.parquet"))))
 
 
 def _flan_table(root: str, split: str) -> Discovery:
