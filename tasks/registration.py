@@ -102,7 +102,7 @@ def example_hash(example_id: str) -> int:
   return int(tf.strings.to_hash_bucket_fast(example_id, HASH_BUCKETS)) + 1
 
 
-# Offline caches (`python -m teacherlm_jax.prepare`) hold the examples up to the placeholder: hashed and tokenized.
+# Offline caches (`python -m teacherlm_jax.prepare`) hold the examples up to the CacheDatasetPlaceholder: hashed and tokenized.
 PREPROCESSORS = (add_example_hash, seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                  seqio.preprocessors.append_eos_after_trim)
 

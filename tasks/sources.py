@@ -175,7 +175,7 @@ def _parquet_row_group(path: tf.Tensor, index: tf.Tensor, keep: tuple[tuple[str,
     if field in table.column_names:
       try:
         mask = pc.equal(table[field], pa.scalar(value)).fill_null(False)
-      except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+      except pa.ArrowException:
         continue  # another type: the renderer's own check (_kept) decides
       table, numbers = table.filter(mask), numbers[np.asarray(mask)]
   encoded = [json.dumps({"r": row}, ensure_ascii=False, default=_json_default) for row in table.to_pylist()]
