@@ -514,15 +514,17 @@ def _scan(source: RenderedSource, group: Group, cap: Optional[int], subsample_se
           raise reject
         rejects.append(reject)
       valid += int((status == VALID).sum())
-      keys.extend(int(key) for key in batch_keys[status == VALID])
+      keys.extend((int(key), len(counts)) for key in batch_keys[status == VALID])  # (key, file index)
       if subsample_seed is None and cap is not None and sum(counts) + valid >= cap:
         valid = cap - sum(counts)
         break
     counts.append(valid)
   threshold = None
   if subsample_seed is not None and cap is not None and len(keys) > cap:
-    threshold = heapq.nsmallest(cap, keys)[-1]
-    counts = _counts_under(source, group, subsample_seed, threshold)
+    threshold = heapq.nsmallest(cap, keys)[-1][0]
+    counts = [0] * len(group.files)
+    for key, index in keys:
+      counts[index] += key <= threshold
   if rejects:
     _write_rejects(group, rejects, rejects_dir)
   return ScanResult(sum(counts), tuple(counts), threshold, tuple(rejects))
@@ -540,16 +542,6 @@ def corruption(path: str) -> Optional[formats.BadRecord]:
                              f"corrupted TFRecord ({error.message.splitlines()[0][:120]}); the rest of the file is "
                              "unreadable")
   return None
-
-
-def _counts_under(source: RenderedSource, group: Group, seed: int, threshold: int) -> list[int]:
-  """Per file: the valid records whose subsample key is at most `threshold`."""
-  counts = []
-  for path in group.files:
-    data = rendered(source.renderer(group, file_kind(path)), tf.constant(path), source.csv_columns, seed)
-    data = data.filter(lambda row: tf.logical_and(tf.equal(row["status"], VALID), row["key"] <= threshold))
-    counts.append(int(data.reduce(np.int64(0), lambda total, _: total + 1)))
-  return counts
 
 
 def _write_rejects(group: Group, rejects: list[formats.BadRecord], rejects_dir: Optional[str]) -> str:
