@@ -57,7 +57,7 @@ from forward_throughput import (background_cores, cpu_model, cpu_seconds, import
 
 from tasks import rendering  # noqa: E402
 from teacherlm_jax import annotate, annotation_inputs, convert, decoding, partitioning, vocabularies  # noqa: E402
-from teacherlm_jax.models import bloom  # noqa: E402
+from teacherlm_jax.models import bloom, common, registry  # noqa: E402
 
 TARGET_RATIO = 20.0  # the annotation issue's target: at least 20x the release's samples/s on CPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{statistics.mean(lengths):.1f}); ours in {len(batches)} batches (prompts, rows computed, padded "
         f"length): {batches}")
   hf_model, model, params = build_teacher(args, torch, transformers, mesh)
-  num_params = bloom.count_params(params)
+  num_params = common.count_params(params)
 
   check = greedy_check(args, torch, hf_model, model, params, mesh, rows)
   if check["mismatches"]:

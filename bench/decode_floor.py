@@ -7,7 +7,7 @@ and the peer's seconds) and measures on this machine, in one process (jax only, 
      each from its fastest call;
   2. XLA's kernels at the run's shapes (median calls): every matmul of one decode step (each layer's QKV, output
      projection and MLP with its own weights, then the LM head; chained as in a step) at the run's batch size, and
-     the model's own attention (`bloom.cached_dot_product_attention`, every layer) over each phase's cache length;
+     the model's own attention (`common.attention` over a head-major cache, every layer) over each phase's cache length;
   3. the prefill as ours runs it: `decoding.jit_generate` with one new token, per batch shape.
 
 Then it adds these up over the run's batches, phases and steps into
@@ -43,7 +43,7 @@ from forward_throughput import (background_cores, cpu_model, cpu_seconds, markdo
                                 warn_if_busy)
 
 from teacherlm_jax import decoding  # noqa: E402
-from teacherlm_jax.models import bloom  # noqa: E402
+from teacherlm_jax.models import bloom, common, registry  # noqa: E402
 
 FLOAT_BYTES = 4
 
@@ -98,7 +98,7 @@ def step_matmuls(config: bloom.BloomConfig, rows: int, repeats: int) -> float:
 
 def step_attention(config: bloom.BloomConfig, rows: int, length: int, repeats: int) -> float:
   """Seconds of one decode step's attention over a cache of `length` slots, every layer, as the model computes it
-  (`bloom.cached_dot_product_attention`: scores, softmax, values)."""
+  (`common.attention` over a head-major cache: scores, softmax, values)."""
   h, d = config.num_heads, config.head_dim
   keys = iter(jax.random.split(jax.random.key(2), 2 * config.num_layers + 1))
   caches = [jax.random.normal(next(keys), (rows, h, length, d), jnp.float32) for _ in range(2 * config.num_layers)]
@@ -107,7 +107,7 @@ def step_attention(config: bloom.BloomConfig, rows: int, length: int, repeats: i
 
   def attend(q, caches):
     for k, v in zip(caches[0::2], caches[1::2]):
-      q = bloom.cached_dot_product_attention(q, k, v, bias)
+      q = common.attention(q, k, v, bias, head_major=True)
     return q
   return median_seconds(jax.jit(attend), q, caches, repeats=repeats)
 
@@ -166,7 +166,7 @@ def estimates(run: dict[str, Any], config: bloom.BloomConfig, limits: dict[str, 
 def measure_kernels(run: dict[str, Any], config: bloom.BloomConfig, repeats: int) -> dict[str, Any]:
   """XLA's seconds for the run's shapes: step matmuls per batch size, attention per cache length, prefills."""
   model = bloom.Bloom(config)
-  params = nn.unbox(bloom.init_params(model, jax.random.key(0)))
+  params = nn.unbox(common.init_params(model, jax.random.key(0)))
   measured: dict[str, Any] = {"matmuls": {}, "attention": {}, "prefill": {}}
   for _, rows, length in run["prompts"]["batches"]:
     if rows not in measured["matmuls"]:

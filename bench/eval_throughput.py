@@ -5,7 +5,7 @@ All run in one process, on the same weights and the same examples, in float32 on
 
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
      not trivial) and saved with `save_pretrained` into a temporary directory; ours loads that directory as
-     `evaluate.run` loads a Hugging Face checkpoint (`convert.load_hf_bloom`, params on a (1, -1, 1) mesh);
+     `evaluate.run` loads a Hugging Face checkpoint (`convert.load_hf`, params on a (1, -1, 1) mesh);
   2. the workload is real evaluation examples: the first `--num_examples` examples of each of `--tasks` (default
      `teacherlm_eval_ecqa` test: 100 questions, 5 options each), read by `evaluate.task_examples` and tokenized
      with the tokenizer fixture `tests/fixtures/tokenizer/tokenizer.json` (512 ids, below any vocab size >= 512);
@@ -59,7 +59,7 @@ from forward_throughput import (background_cores, build_models, cpu_model, cpu_s
                                 time_interleaved, torch_on_all_cores, warn_if_busy)
 
 from teacherlm_jax import decoding, evaluate, partitioning, vocabularies  # noqa: E402
-from teacherlm_jax.models import bloom  # noqa: E402
+from teacherlm_jax.models import bloom, common, registry  # noqa: E402
 
 TARGET_RATIO = 5.0  # the evaluation issue's target: at least 5x the scored options/s of one forward per pair
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -429,7 +429,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       "final_max_abs_diff": final["teacherlm_jax"], "final_max_abs_diff_per_column": final,
       "prediction_agreement": agreement(last["teacherlm_jax"], last["transformers"]),
       "warmup_s": warmup_s, "check_s": check_s,
-      "num_params": bloom.count_params(params), "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
+      "num_params": common.count_params(params), "mesh": dict(mesh.shape), "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
       **run_environment(torch, transformers),
   }

@@ -4,7 +4,7 @@ Both run in one process, on the same weights and the same inputs, in float32 on 
 
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
      not trivial) and saved with `save_pretrained` into a temporary directory;
-  2. `teacherlm_jax.convert.load_hf_bloom` loads that directory, so the two models hold identical weights;
+  2. `teacherlm_jax.convert.load_hf` loads that directory, so the two models hold identical weights;
   3. one warm-up forward of each (which also compiles ours) gives logits that must agree within `--atol`;
   4. `--repeats` timed forwards of each, taking turns: ours under `jax.jit` (waiting with `block_until_ready`),
      theirs under `torch.inference_mode()` with `use_cache=False`. Tokens/s = batch_size * seq_len / median seconds.
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from teacherlm_jax import convert
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 INSTALL_HINT = "pip install torch==2.13.0 transformers"
 
@@ -212,7 +212,7 @@ def build_models(args: argparse.Namespace, torch: Any, transformers: Any,
   hf_model = make_hf_model(args, torch, transformers)
   with tempfile.TemporaryDirectory() as hf_dir:
     hf_model.save_pretrained(hf_dir)
-    model, params = convert.load_hf_bloom(hf_dir, **config_overrides)
+    model, params = convert.load_hf(hf_dir, **config_overrides)
   return hf_model, model, params
 
 
@@ -280,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       "config": {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "num_heads": args.num_heads,
                  "vocab_size": args.vocab_size, "dtype": "float32"},
       "inputs": {"batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens},
-      "num_params": bloom.count_params(params), "repeats": args.repeats, "max_abs_diff": max_abs_diff,
+      "num_params": common.count_params(params), "repeats": args.repeats, "max_abs_diff": max_abs_diff,
       "compile_and_first_run_s": compile_s, "torch_threads": torch.get_num_threads(),
       "cpu": cpu_model(), "cores": cores, "background_cores": background,
       **run_environment(torch, transformers),

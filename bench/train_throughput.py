@@ -3,7 +3,7 @@
 Both run in one process, on the same weights, the same batch and the same optimizer, in float32 on the CPU:
 
   1. a random `BloomForCausalLM` is built from the flags (its weights perturbed so that biases and LayerNorms are
-     not trivial) and saved with `save_pretrained` into a temporary directory; `teacherlm_jax.convert.load_hf_bloom`
+     not trivial) and saved with `save_pretrained` into a temporary directory; `teacherlm_jax.convert.load_hf`
      loads that directory and the params go to `trainer.init_train_state(..., params=...)`;
   2. one batch of `--batch_size` rows of `--seq_len + 1` random tokens (seeded): ours gets it unpacked
      (decoder_input_tokens = tokens[:, :-1], decoder_target_tokens = tokens[:, 1:], decoder_loss_weights = 1), HF
@@ -51,7 +51,7 @@ from forward_throughput import (background_cores, build_models, cpu_model, cpu_s
                                 time_interleaved, torch_on_all_cores, warn_if_busy)
 
 from teacherlm_jax import convert, partitioning, trainer  # noqa: E402
-from teacherlm_jax.models import bloom  # noqa: E402
+from teacherlm_jax.models import bloom, common, registry  # noqa: E402
 
 TARGET_RATIO = 1.5  # the trainer issue's target: at least 1.5x the Hugging Face tokens/s on CPU
 
@@ -327,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
   hf_model, model, params = build_models(args, torch, transformers, scan_layers=not args.no_scan_layers,
                                          scan_unroll=args.scan_unroll)
-  num_params = bloom.count_params(params)
+  num_params = common.count_params(params)
   tokens = make_batch(args)
   ours, get_params, mesh, hlo_text = our_step(args, model, params, tokens)
   del params  # the train state holds its own copy; ours is donated from step to step

@@ -4,7 +4,8 @@ Layout of a params checkpoint directory (what `convert import-hf` writes and tra
 
   CKPT/params/          orbax `StandardCheckpointer` checkpoint of the params tree (atomic: written to a temporary
                         directory and renamed when complete)
-  CKPT/teacherlm.json   {"model_config": BloomConfig fields, "hf_config": the Hugging Face config.json it came from
+  CKPT/teacherlm.json   {"model_config": {"family": "bloom" | "opt" | "llama", the config's fields} (no family: a
+                        BLOOM config, as older checkpoints wrote), "hf_config": the Hugging Face config.json it came from
                         (or null), "source": free-form provenance}; written after the params, so a directory without
                         it is an incomplete save and is refused
   CKPT/tokenizer.json   (optional) the tokenizer and generation-config files that came with the model
@@ -27,7 +28,7 @@ import seqio
 from etils import epath
 
 from teacherlm_jax import partitioning, vocabularies
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 METADATA_FILE = "teacherlm.json"
 PARAMS_DIR = "params"
@@ -36,7 +37,7 @@ VOCABULARY_FILE = "vocabulary.json"
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config: Optional[dict] = None,
+def save_params(path: str, params: Any, config: Any, *, hf_config: Optional[dict] = None,
                 source: str = "", vocabulary: Optional[seqio.Vocabulary] = None) -> None:
   """Saves `params` (plain arrays, possibly sharded) and their config to `path`; returns when the save is complete.
 
@@ -52,7 +53,7 @@ def save_params(path: str, params: Any, config: bloom.BloomConfig, *, hf_config:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(absolute_path(directory / PARAMS_DIR), params)
     checkpointer.wait_until_finished()
-  metadata = {"model_config": config.to_dict(), "hf_config": hf_config, "source": source}
+  metadata = {"model_config": registry.config_to_dict(config), "hf_config": hf_config, "source": source}
   if jax.process_index() == 0:
     if vocabulary is not None:
       save_vocabulary(str(directory), vocabulary)
@@ -77,12 +78,12 @@ def read_metadata(path: str) -> dict:
     raise ValueError(f"{metadata_path}: invalid JSON ({error})") from error
 
 
-def load_config(path: str) -> bloom.BloomConfig:
-  """The BloomConfig stored with a params checkpoint."""
-  return bloom.BloomConfig.from_dict(read_metadata(path)["model_config"])
+def load_config(path: str) -> Any:
+  """The model config (of any family) stored with a params checkpoint."""
+  return registry.config_from_dict(read_metadata(path)["model_config"])
 
 
-def load_params(path: str, config: Optional[bloom.BloomConfig] = None, *, mesh: Optional[jax.sharding.Mesh] = None,
+def load_params(path: str, config: Optional[Any] = None, *, mesh: Optional[jax.sharding.Mesh] = None,
                 rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES) -> Any:
   """Restores the params of a checkpoint, sharded on `mesh` by `rules` when a mesh is given.
 
@@ -95,13 +96,13 @@ def load_params(path: str, config: Optional[bloom.BloomConfig] = None, *, mesh: 
   stored = load_config(path)
   config = config or stored
   _check_same_model(path, stored, config)
-  layout = bloom.Bloom(dataclasses.replace(stored, param_dtype=config.param_dtype))
-  boxed = jax.eval_shape(lambda key: bloom.init_params(layout, key), jax.random.key(0))
+  layout = registry.build(dataclasses.replace(stored, param_dtype=config.param_dtype))
+  boxed = jax.eval_shape(lambda key: common.init_params(layout, key), jax.random.key(0))
   target = _abstract_target(boxed, mesh, rules)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(absolute_path(epath.Path(path) / PARAMS_DIR), target)
   if stored.scan_layers != config.scan_layers:
-    params = bloom.relayout_layers(params, config.num_layers, scan_layers=config.scan_layers)
+    params = registry.relayout_layers(config, params, scan_layers=config.scan_layers)
   return params
 
 
@@ -116,9 +117,9 @@ def _abstract_target(boxed: Any, mesh: Optional[jax.sharding.Mesh], rules: parti
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _check_same_model(path: str, stored: bloom.BloomConfig, wanted: bloom.BloomConfig) -> None:
-  fields = ("vocab_size", "hidden_size", "num_layers", "num_heads")
-  diff = {f: (getattr(stored, f), getattr(wanted, f)) for f in fields if getattr(stored, f) != getattr(wanted, f)}
+def _check_same_model(path: str, stored: Any, wanted: Any) -> None:
+  have, want = registry.shape_fields(stored), registry.shape_fields(wanted)
+  diff = {f: (have.get(f), want.get(f)) for f in sorted(set(have) | set(want)) if have.get(f) != want.get(f)}
   if diff:
     detail = ", ".join(f"{f}: checkpoint {a} vs requested {b}" for f, (a, b) in diff.items())
     raise ValueError(f"{path} holds a different model ({detail})")

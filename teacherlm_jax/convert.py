@@ -1,27 +1,21 @@
-"""Hugging Face BLOOM checkpoints <-> teacherlm-jax params.
+"""Hugging Face checkpoints (BLOOM, OPT, Llama / Qwen2 / Mistral) <-> teacherlm-jax params.
 
 Command line:
   python -m teacherlm_jax.convert import-hf --hf_dir DIR --out CKPT [--mesh_fsdp N ...] [--no_scan_layers]
   python -m teacherlm_jax.convert export-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--max_shard_size 5GB]
 
 Python:
-  model, params = load_hf_bloom("path/to/bloom-560m")
+  model, params = load_hf("path/to/opt-1.3b")                  # any registered family (models.registry)
   logits = model.apply({"params": params}, input_ids)           # [batch, length, vocab], float32
 
-Only safetensors are read (`model.safetensors`, or shards listed by `model.safetensors.index.json`); PyTorch
-pickles (`*.bin`) are refused. Import streams one tensor at a time into the output arrays, so peak host memory is the
-output plus one tensor. Every error names the file and the tensor.
-
-Name and layout mapping (HF tensors are torch Linear weights [out, in]; n = layer):
-  [transformer.]word_embeddings.weight [v, e]            -> word_embeddings [v, e]
-  [transformer.]word_embeddings_layernorm.{weight,bias}  -> word_embeddings_layernorm/{scale,bias}
-  [transformer.]h.n.input_layernorm / post_attention_layernorm / ln_f  -> same names, {scale,bias}
-  [transformer.]h.n.self_attention.query_key_value.weight [3e, e] -> self_attention/qkv_kernel [e, h, 3, d]
-  [transformer.]h.n.self_attention.dense.weight [e, e]   -> self_attention/dense_kernel [h, d, e]
-  [transformer.]h.n.mlp.dense_h_to_4h.weight [4e, e]     -> mlp/wi_kernel [e, 4e]
-  [transformer.]h.n.mlp.dense_4h_to_h.weight [e, 4e]     -> mlp/wo_kernel [4e, e]
-  lm_head.weight                                         -> (tied to word_embeddings; must equal it if present)
-Layer params live under `h` with a leading [n] axis when the model scans its layers, else under `h_0`...`h_{n-1}`.
+The family comes from `config.json`'s `model_type` (`models.registry.family_for_hf`); each family's module in
+`teacherlm_jax/models/` documents its tensor names and layouts (`tensor_mappings`), which this module applies. Only
+safetensors are read (`model.safetensors`, or shards listed by `model.safetensors.index.json`); PyTorch pickles
+(`*.bin`) are refused. Import streams one tensor at a time into the output arrays, so peak host memory is the output
+plus one tensor. Every error names the file and the tensor. Tensor names are accepted with or without the family's
+prefix (`transformer.` for BLOOM, `model.` for OPT and the Llama family); exports write the prefixed names
+`transformers` writes. A tied LM head (`lm_head.weight`) may be present, and must then equal the embeddings.
+Layer params live under one name with a leading [n] axis when the model scans its layers, else under `<name>_0`...
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ import dataclasses
 import json
 import re
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -43,7 +37,7 @@ from etils import epath
 from tqdm import tqdm
 
 from teacherlm_jax import checkpoints, partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,21 +49,14 @@ class ConversionError(ValueError):
   """A Hugging Face directory or checkpoint that cannot be converted; the message names the file and tensor."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMapping:
-  """How one HF tensor maps onto one params leaf: path in the params tree, layer (or None), and the reshapes."""
-
-  path: tuple[str, ...]
-  layer: Optional[int]
-  to_flax: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
+TensorMapping = common.TensorMapping
 
 
 # ----------------------------------------------------------------------------------------------- config
 
 
 def read_hf_config(hf_dir: str) -> dict:
-  """Reads and validates `config.json` of a Hugging Face BLOOM directory."""
+  """Reads and validates `config.json` of a Hugging Face model directory (of a registered family)."""
   path = epath.Path(hf_dir) / CONFIG_FILE
   if not path.exists():
     raise ConversionError(f"{path}: missing (a Hugging Face model directory needs its config.json)")
@@ -77,104 +64,38 @@ def read_hf_config(hf_dir: str) -> dict:
     hf_config = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise ConversionError(f"{path}: invalid JSON ({error})") from error
-  architectures = hf_config.get("architectures") or []
-  if hf_config.get("model_type") != "bloom" and not any(a.startswith("Bloom") for a in architectures):
-    raise ConversionError(f"{path}: model_type={hf_config.get('model_type')!r}, architectures={architectures}; "
-                          "only BLOOM checkpoints (model_type 'bloom') can be converted")
-  if hf_config.get("apply_residual_connection_post_layernorm"):
-    raise ConversionError(f"{path}: apply_residual_connection_post_layernorm=true is not supported")
+  try:
+    registry.family_for_hf(hf_config)
+  except ValueError as error:
+    raise ConversionError(f"{path}: {error}") from error
   return hf_config
 
 
-def bloom_config_from_hf(hf_config: dict, **overrides: Any) -> bloom.BloomConfig:
-  """BloomConfig with the dimensions of an HF config (accepting BLOOM's older key names) plus `overrides`."""
-  def first(*keys: str):
-    for key in keys:
-      if hf_config.get(key) is not None:
-        return hf_config[key]
-    raise ConversionError(f"{CONFIG_FILE}: none of the fields {keys} is set")
+def config_from_hf(hf_config: dict, **overrides: Any) -> Any:
+  """The model config (of the family `model_type` names) with the dimensions of an HF config plus `overrides`
+  (fields that are not in the HF config: dtype, param_dtype, scan_layers, scan_unroll, remat_policy, ...)."""
   try:
-    return bloom.BloomConfig(
-        vocab_size=int(first("vocab_size")), hidden_size=int(first("n_embed", "hidden_size")),
-        num_layers=int(first("n_layer", "num_hidden_layers")), num_heads=int(first("n_head", "num_attention_heads")),
-        layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
-        initializer_range=float(hf_config.get("initializer_range", 0.02)), **overrides)
-  except ConversionError:
-    raise
-  except (TypeError, ValueError) as error:  # a non-numeric field, or a hidden_size the heads do not divide
+    return registry.family_for_hf(hf_config).module.config_from_hf(hf_config, **overrides)
+  except (TypeError, ValueError) as error:  # a missing or non-numeric field, heads that do not divide, ...
     raise ConversionError(f"{CONFIG_FILE}: {error}") from error
 
 
-def hf_config_from_bloom(config: bloom.BloomConfig, dtype: str, base: Optional[dict] = None) -> dict:
+def hf_config_for(config: Any, dtype: str, base: Optional[dict] = None) -> dict:
   """An HF `config.json` dict for `config`, keeping the other fields (token ids, ...) of `base` when given."""
-  hf_config = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "unk_token_id": 0,
-                            "hidden_dropout": 0.0, "attention_dropout": 0.0, "use_cache": True,
-                            "pretraining_tp": 1, "slow_but_exact": False})
-  for old_key in ("n_embed", "num_attention_heads", "num_hidden_layers", "torch_dtype", "transformers_version"):
-    hf_config.pop(old_key, None)
-  hf_config.update(
-      architectures=["BloomForCausalLM"], model_type="bloom", vocab_size=config.vocab_size,
-      hidden_size=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
-      layer_norm_epsilon=config.layer_norm_epsilon, initializer_range=config.initializer_range,
-      apply_residual_connection_post_layernorm=False, tie_word_embeddings=True, dtype=dtype)
-  return hf_config
+  return registry.family(config).module.hf_config(config, dtype, base)
 
 
 # ----------------------------------------------------------------------------------------------- names
 
 
-def tensor_mappings(config: bloom.BloomConfig) -> dict[str, TensorMapping]:
-  """Every HF tensor name (without the `transformer.` prefix) of a BLOOM model -> its mapping."""
-  e, h, d = config.hidden_size, config.num_heads, config.head_dim
-  same = TensorMapping((), None, lambda x: x, lambda x: x)
-  mappings = {"word_embeddings.weight": dataclasses.replace(same, path=("word_embeddings",))}
-  for hf_name, flax_name in (("word_embeddings_layernorm", "word_embeddings_layernorm"), ("ln_f", "ln_f")):
-    mappings[f"{hf_name}.weight"] = dataclasses.replace(same, path=(flax_name, "scale"))
-    mappings[f"{hf_name}.bias"] = dataclasses.replace(same, path=(flax_name, "bias"))
-  per_layer = {
-      "input_layernorm.weight": (("input_layernorm", "scale"), lambda x: x, lambda x: x),
-      "input_layernorm.bias": (("input_layernorm", "bias"), lambda x: x, lambda x: x),
-      "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), lambda x: x, lambda x: x),
-      "post_attention_layernorm.bias": (("post_attention_layernorm", "bias"), lambda x: x, lambda x: x),
-      "self_attention.query_key_value.weight": (
-          ("self_attention", "qkv_kernel"), lambda x: x.T.reshape(e, h, 3, d), lambda x: x.reshape(e, 3 * e).T),
-      "self_attention.query_key_value.bias": (
-          ("self_attention", "qkv_bias"), lambda x: x.reshape(h, 3, d), lambda x: x.reshape(3 * e)),
-      "self_attention.dense.weight": (
-          ("self_attention", "dense_kernel"), lambda x: x.T.reshape(h, d, e), lambda x: x.reshape(e, e).T),
-      "self_attention.dense.bias": (("self_attention", "dense_bias"), lambda x: x, lambda x: x),
-      "mlp.dense_h_to_4h.weight": (("mlp", "wi_kernel"), lambda x: x.T, lambda x: x.T),
-      "mlp.dense_h_to_4h.bias": (("mlp", "wi_bias"), lambda x: x, lambda x: x),
-      "mlp.dense_4h_to_h.weight": (("mlp", "wo_kernel"), lambda x: x.T, lambda x: x.T),
-      "mlp.dense_4h_to_h.bias": (("mlp", "wo_bias"), lambda x: x, lambda x: x),
-  }
-  for n in range(config.num_layers):
-    for suffix, (path, to_flax, to_hf) in per_layer.items():
-      prefix = ("h",) if config.scan_layers else (f"h_{n}",)
-      layer = n if config.scan_layers else None
-      mappings[f"h.{n}.{suffix}"] = TensorMapping(prefix + path, layer, to_flax, to_hf)
-  return mappings
+def tensor_mappings(config: Any) -> dict[str, TensorMapping]:
+  """Every HF tensor name (prefixed as `transformers` writes it) of the model -> its mapping."""
+  return registry.family(config).module.tensor_mappings(config)
 
 
-def hf_shapes(config: bloom.BloomConfig) -> dict[str, tuple[int, ...]]:
-  """Expected HF tensor shapes by name (without prefix)."""
-  e, v, m = config.hidden_size, config.vocab_size, config.mlp_dim
-  shapes = {"word_embeddings.weight": (v, e)}
-  for name in ("word_embeddings_layernorm", "ln_f"):
-    shapes.update({f"{name}.weight": (e,), f"{name}.bias": (e,)})
-  per_layer = {"input_layernorm.weight": (e,), "input_layernorm.bias": (e,),
-               "post_attention_layernorm.weight": (e,), "post_attention_layernorm.bias": (e,),
-               "self_attention.query_key_value.weight": (3 * e, e), "self_attention.query_key_value.bias": (3 * e,),
-               "self_attention.dense.weight": (e, e), "self_attention.dense.bias": (e,),
-               "mlp.dense_h_to_4h.weight": (m, e), "mlp.dense_h_to_4h.bias": (m,),
-               "mlp.dense_4h_to_h.weight": (e, m), "mlp.dense_4h_to_h.bias": (e,)}
-  for n in range(config.num_layers):
-    shapes.update({f"h.{n}.{suffix}": shape for suffix, shape in per_layer.items()})
-  return shapes
-
-
-def _strip_prefix(name: str) -> str:
-  return name[len("transformer."):] if name.startswith("transformer.") else name
+def _canonical(name: str, mappings: dict[str, TensorMapping], prefix: str) -> str:
+  """The mapping key of a tensor name, which may lack the family's prefix (older Hub checkpoints)."""
+  return name if name in mappings or prefix + name not in mappings else prefix + name
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -222,25 +143,26 @@ def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
         yield file_name, name, array
 
 
-def import_hf_params(hf_dir: str, config: bloom.BloomConfig, *, mesh: Optional[jax.sharding.Mesh] = None,
+def import_hf_params(hf_dir: str, config: Any, *, mesh: Optional[jax.sharding.Mesh] = None,
                      rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES) -> dict:
-  """Reads an HF BLOOM directory into a params tree for `config` (host numpy arrays, or sharded on `mesh`)."""
-  mappings, shapes = tensor_mappings(config), hf_shapes(config)
-  boxed = jax.eval_shape(lambda key: bloom.init_params(bloom.Bloom(config), key), jax.random.key(0))
+  """Reads an HF directory into a params tree for `config` (host numpy arrays, or sharded on `mesh`)."""
+  module = registry.family(config).module
+  mappings, tied = tensor_mappings(config), module.tied_head(config)
+  boxed = jax.eval_shape(lambda key: common.init_params(registry.build(config), key), jax.random.key(0))
   buffers = jax.tree.map(lambda s: np.empty(s.shape, np.dtype(config.param_dtype)), nn.unbox(boxed))
   seen: dict[str, str] = {}
   lm_head: Optional[tuple[str, np.ndarray]] = None
   for file_name, name, array in iter_hf_tensors(hf_dir):
-    key = _strip_prefix(name)
-    if key == "lm_head.weight":
+    key = _canonical(name, mappings, module.HF_PREFIX)
+    if tied is not None and key in (tied[0], module.HF_PREFIX + tied[0]):
       lm_head = (file_name, array)
       continue
     if key not in mappings:
-      raise ConversionError(f"{file_name}: unexpected tensor {name!r} (not a BLOOM parameter of a "
-                            f"{config.num_layers}-layer model)")
-    if tuple(array.shape) != shapes[key]:
-      raise ConversionError(f"{file_name}: tensor {name!r} has shape {tuple(array.shape)}, expected {shapes[key]} "
-                            f"from {CONFIG_FILE}")
+      raise ConversionError(f"{file_name}: unexpected tensor {name!r} (not a parameter of this "
+                            f"{config.num_layers}-layer {registry.family(config).name} model)")
+    if tuple(array.shape) != mappings[key].shape:
+      raise ConversionError(f"{file_name}: tensor {name!r} has shape {tuple(array.shape)}, expected "
+                            f"{mappings[key].shape} from {CONFIG_FILE}")
     if key in seen:
       raise ConversionError(f"{file_name}: tensor {name!r} appears twice (also in {seen[key]})")
     seen[key] = file_name
@@ -250,10 +172,16 @@ def import_hf_params(hf_dir: str, config: bloom.BloomConfig, *, mesh: Optional[j
     raise ConversionError(f"{hf_dir}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                           f"({len(missing)} of {len(mappings)})")
   if lm_head is not None:
-    _check_tied(lm_head, buffers["word_embeddings"])
+    _check_tied(lm_head, _leaf(buffers, tied[1]))
   if mesh is None:
     return buffers
   return partitioning.shard_host_arrays(buffers, partitioning.logical_shardings(boxed, mesh, rules))
+
+
+def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def _write(buffers: dict, mapping: TensorMapping, array: np.ndarray) -> None:
@@ -270,42 +198,44 @@ def _write(buffers: dict, mapping: TensorMapping, array: np.ndarray) -> None:
 def _check_tied(lm_head: tuple[str, np.ndarray], embeddings: np.ndarray) -> None:
   file_name, array = lm_head
   if array.shape != embeddings.shape or not np.array_equal(array.astype(embeddings.dtype), embeddings):
-    raise ConversionError(f"{file_name}: tensor 'lm_head.weight' differs from the word embeddings; BLOOM ties them "
-                          "and untied heads are not supported")
+    raise ConversionError(f"{file_name}: tensor 'lm_head.weight' differs from the embeddings, but the model ties "
+                          "them (tie_word_embeddings); untie them in config.json where the family allows it")
 
 
 def _natural_key(name: str) -> list:
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def load_hf_bloom(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
-                  rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
-                  **config_overrides: Any) -> tuple[bloom.Bloom, dict]:
-  """(model, params) from a Hugging Face BLOOM directory; `model.apply({"params": params}, ids)` gives logits.
+def load_hf(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
+            rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+            **config_overrides: Any) -> tuple[Any, dict]:
+  """(model, params) from a Hugging Face directory of any registered family; `model.apply({"params": params}, ids)`
+  gives logits.
 
-  `config_overrides` set the BloomConfig fields that are not in the HF config (dtype, param_dtype, scan_layers,
+  `config_overrides` set the config fields that are not in the HF config (dtype, param_dtype, scan_layers,
   scan_unroll, remat_policy, logits_dtype); the defaults are float32 with scanned layers.
   """
-  config = bloom_config_from_hf(read_hf_config(hf_dir), **config_overrides)
+  config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
   params = import_hf_params(hf_dir, config, mesh=mesh, rules=rules)
   if mesh is None:
     params = jax.tree.map(jax.numpy.asarray, params)
-  return bloom.Bloom(config), params
+  return registry.build(config), params
+
 
 
 def load_model(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
                rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
-               dtype: str = "float32", scan_layers: Optional[bool] = None) -> tuple[bloom.Bloom, dict]:
+               dtype: str = "float32", scan_layers: Optional[bool] = None) -> tuple[Any, dict]:
   """(model, params, on the mesh when given) from a params checkpoint, a training run's MODEL_DIR (its final_params)
-  or a Hugging Face BLOOM directory; `dtype` is the activation dtype; `scan_layers` the params layout (None: the
-  checkpoint's; a Hugging Face directory loads scanned), e.g. False for decoding (`decoding.per_layer`)."""
+  or a Hugging Face directory of any family; `dtype` is the activation dtype; `scan_layers` the params layout (None:
+  the checkpoint's; a Hugging Face directory loads scanned), e.g. False for decoding (`decoding.per_layer`)."""
   layout = {} if scan_layers is None else {"scan_layers": scan_layers}
   resolved = checkpoints.resolve(path)
   if (epath.Path(resolved) / checkpoints.METADATA_FILE).exists():
     config = dataclasses.replace(checkpoints.load_config(resolved), dtype=dtype, **layout)
-    return bloom.Bloom(config), checkpoints.load_params(resolved, config, mesh=mesh, rules=rules)
+    return registry.build(config), checkpoints.load_params(resolved, config, mesh=mesh, rules=rules)
   if (epath.Path(path) / CONFIG_FILE).exists():
-    return load_hf_bloom(path, mesh=mesh, rules=rules, dtype=dtype, **layout)
+    return load_hf(path, mesh=mesh, rules=rules, dtype=dtype, **layout)
   raise FileNotFoundError(f"{path}: neither a params checkpoint ({checkpoints.METADATA_FILE}), a training run with "
                           f"final_params, nor a Hugging Face directory ({CONFIG_FILE})")
 
@@ -322,18 +252,16 @@ def parse_size(size: str) -> int:
   return int(float(match.group(1)) * scale)
 
 
-def hf_tensors(params: dict, config: bloom.BloomConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields ("transformer.<name>", array in `dtype`) for every tensor, in HF order, from a params tree."""
-  params = bloom.relayout_layers(params, config.num_layers, scan_layers=config.scan_layers)
-  for key, mapping in tensor_mappings(config).items():
-    leaf = params
-    for part in mapping.path:
-      leaf = leaf[part]
+def hf_tensors(params: dict, config: Any, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, array in `dtype`) for every tensor, in HF order, from a params tree."""
+  params = registry.relayout_layers(config, params, scan_layers=config.scan_layers)
+  for name, mapping in tensor_mappings(config).items():
+    leaf = _leaf(params, mapping.path)
     array = np.asarray(jax.device_get(leaf if mapping.layer is None else leaf[mapping.layer]))
-    yield f"transformer.{key}", np.ascontiguousarray(mapping.to_hf(array).astype(DTYPES[dtype]))
+    yield name, np.ascontiguousarray(mapping.to_hf(array).astype(DTYPES[dtype]))
 
 
-def write_hf_dir(params: dict, config: bloom.BloomConfig, out_dir: str, *, dtype: str = "float32",
+def write_hf_dir(params: dict, config: Any, out_dir: str, *, dtype: str = "float32",
                  max_shard_size: str = "5GB", hf_config_base: Optional[dict] = None) -> list[str]:
   """Writes `config.json` and safetensors (sharded with an index above `max_shard_size`); returns the files."""
   if dtype not in DTYPES:
@@ -352,7 +280,7 @@ def write_hf_dir(params: dict, config: bloom.BloomConfig, out_dir: str, *, dtype
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
     written.append(INDEX_FILE)
-  hf_config = hf_config_from_bloom(config, dtype, hf_config_base)
+  hf_config = hf_config_for(config, dtype, hf_config_base)
   (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
   return written + [CONFIG_FILE]
 
@@ -375,7 +303,7 @@ def _group_shards(tensors: Iterator[tuple[str, np.ndarray]], max_bytes: int) -> 
 def import_hf(hf_dir: str, out: str, *, scan_layers: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> None:
   """`import-hf`: HF directory -> params checkpoint (orbax params + config + tokenizer files)."""
   hf_config = read_hf_config(hf_dir)
-  config = bloom_config_from_hf(hf_config, scan_layers=scan_layers)
+  config = config_from_hf(hf_config, scan_layers=scan_layers)
   params = import_hf_params(hf_dir, config, mesh=mesh)
   checkpoints.save_params(out, params, config, hf_config=hf_config, source=f"import-hf {hf_dir}")
   checkpoints.copy_tokenizer_files(hf_dir, out)
@@ -401,14 +329,14 @@ def _hf_dtype(hf_config: Optional[dict]) -> Optional[str]:
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m teacherlm_jax.convert", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  to_jax = commands.add_parser("import-hf", help="Hugging Face BLOOM directory -> params checkpoint")
+  to_jax = commands.add_parser("import-hf", help="Hugging Face directory (BLOOM, OPT, Llama, Qwen2, Mistral) -> params checkpoint")
   to_jax.add_argument("--hf_dir", required=True)
   to_jax.add_argument("--out", required=True)
   to_jax.add_argument("--no_scan_layers", action="store_true", help="store layers as h_0..h_{n-1}")
   for axis in partitioning.MESH_AXES:
     to_jax.add_argument(f"--mesh_{axis}", type=int, default=None,
                         help="lay the params out sharded on a (data, fsdp, tensor) mesh; -1 = the rest")
-  to_hf = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face BLOOM directory")
+  to_hf = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face directory of its family")
   to_hf.add_argument("--ckpt", required=True)
   to_hf.add_argument("--out", required=True)
   to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -17,7 +17,7 @@ from etils import epath
 
 import tasks
 from tasks import config as task_config
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 log = logging.getLogger("teacherlm_jax")
 # Models above this many parameters may not train on the embedded samples unless allowed (the tiny configs of the
@@ -46,13 +46,13 @@ def corpus(task: seqio.Task) -> str | None:
   return getattr(task.source, "corpus", None)
 
 
-def num_params(model_config: bloom.BloomConfig) -> int:
+def num_params(model_config: Any) -> int:
   """The model's parameter count (from shapes only; nothing is allocated)."""
-  shapes = jax.eval_shape(lambda: bloom.init_params(bloom.Bloom(model_config), jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: common.init_params(registry.build(model_config), jax.random.key(0)))
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
 
-def check_embedded_data(name: str, model_config: bloom.BloomConfig, allow_embedded_data: bool) -> None:
+def check_embedded_data(name: str, model_config: Any, allow_embedded_data: bool) -> None:
   """Refuses a model above EMBEDDED_DATA_MAX_PARAMS on the samples embedded in the package, naming the flags."""
   if allow_embedded_data:
     return

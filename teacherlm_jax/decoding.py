@@ -11,8 +11,8 @@ batch, or which position in it, the record landed in.
 A row stops at EOS or when its last tokens equal one of `stop_sequences` (token ids of stop strings; the caller
 also cuts the decoded text at the first stop string, see `cut_at_stop_strings`, since a string can be tokenized in
 more than one way). On a mesh (`jit_generate(..., mesh=...)`, called inside `partitioning.activation_rules`) the
-prompts and the KV cache are sharded by the logical axis rules: rows over the data-parallel axes, heads over
-`tensor`; the outputs come back replicated.
+prompts and the KV cache are sharded by the logical axis rules: rows over the data-parallel axes, key/value heads
+over `tensor` (`kv_heads`); the outputs come back replicated.
 
 `plan_batches` groups prompts of similar length (sorted by length, each batch padded to a bucket length) so that
 little compute goes to padding and only a few prompt shapes are compiled.
@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from teacherlm_jax import partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +158,7 @@ def stop_sequence_matched(tokens: jax.Array, step: jax.Array, stop_sequences: Se
   return matched
 
 
-CACHE_LOGICAL_AXES = {
-    "key": ("batch", "heads", "length", "kv"),
-    "value": ("batch", "heads", "length", "kv"),
-    "positions": ("batch", "length"),
-    "segment_ids": ("batch", "length"),
-    "index": (),
-    "valid_count": ("batch",),
-}
+CACHE_LOGICAL_AXES = common.CACHE_LOGICAL_AXES
 
 
 def cache_logical_axes(cache) -> dict:
@@ -202,7 +195,7 @@ def grow_cache(cache, length: int) -> dict:
   return constrain_cache(jax.tree.map(grow, cache, cache_logical_axes(cache)))
 
 
-def per_layer(model: bloom.Bloom, params) -> tuple[bloom.Bloom, dict]:
+def per_layer(model: nn.Module, params) -> tuple[nn.Module, dict]:
   """The model and params with one module (and one cache) per layer: a scanned model's stacked params are sliced.
 
   Decoding steps run faster this way: every layer's cache is its own loop variable, updated in place, where
@@ -213,10 +206,10 @@ def per_layer(model: bloom.Bloom, params) -> tuple[bloom.Bloom, dict]:
   if not model.config.scan_layers:
     return model, params
   config = dataclasses.replace(model.config, scan_layers=False)
-  return bloom.Bloom(config), bloom.relayout_layers(params, config.num_layers, scan_layers=False)
+  return registry.build(config), registry.relayout_layers(config, params, scan_layers=False)
 
 
-def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_seeds: jax.Array,
+def generate(model: nn.Module, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_seeds: jax.Array,
              config: DecodingConfig, seed: int = 0) -> tuple[jax.Array, jax.Array]:
   """Continues left-padded prompts.
 
@@ -244,7 +237,7 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
     return token, tokens, done, lengths
 
   ends = phase_ends(config)
-  cache = constrain_cache(bloom.init_cache(model, batch, prompt_length + ends[0]))
+  cache = constrain_cache(common.init_cache(model, batch, prompt_length + ends[0]))
   logits, state = model.apply({"params": params, "cache": cache}, prompt_tokens, prompt_mask, decode=True,
                               last_only=True, mutable=["cache"])
   token, tokens, done, lengths = pick(
@@ -255,15 +248,16 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
     step, _, _, _, done, _ = carry
     return (step < end) & ~jnp.all(done)
 
-  # The tied LM head's kernel, transposed once here: inside the loop the head then reads it row-major.
-  head_kernel = jnp.transpose(params["word_embeddings"])
+  # The LM head's kernel [e, v] (a tied head's embeddings transposed once here: inside the loop the head then reads
+  # it row-major).
+  head_kernel = registry.head_kernel(model.config, params)
 
   def body(carry):
     """Runs the model on the last chosen token, then chooses column `step` (no model call after the last one)."""
     step, cache, token, tokens, done, lengths = carry
     hidden, new_state = model.apply({"params": params, "cache": cache}, token[:, None], decode=True,
                                     hidden_only=True, mutable=["cache"])
-    step_logits = bloom.lm_head(model.config, hidden, head_kernel)
+    step_logits = common.lm_head(model.config, hidden, head_kernel)
     token, tokens, done, lengths = pick(step, step_logits[:, -1], tokens, done, lengths)
     return step + 1, constrain_cache(new_state["cache"]), token, tokens, done, lengths
 
@@ -275,7 +269,7 @@ def generate(model: bloom.Bloom, params, prompt_tokens: jax.Array, prompt_mask: 
   return tokens, lengths
 
 
-def jit_generate(model: bloom.Bloom, config: DecodingConfig, seed: int = 0, mesh: Optional[Mesh] = None,
+def jit_generate(model: nn.Module, config: DecodingConfig, seed: int = 0, mesh: Optional[Mesh] = None,
                  rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   """`generate` under jit: (params, prompt_tokens, prompt_mask, row_seeds) -> numpy (tokens, lengths).
 
@@ -284,7 +278,7 @@ def jit_generate(model: bloom.Bloom, config: DecodingConfig, seed: int = 0, mesh
   `partitioning.activation_rules(mesh, rules)`.
   """
   fn = functools.partial(generate, model, config=config, seed=seed)
-  return partitioning.jit_host_io(fn, functools.partial(bloom.init_params, model),
+  return partitioning.jit_host_io(fn, functools.partial(common.init_params, model),
                                   [("batch", "length"), ("batch", "length"), ("batch",)], mesh, rules)
 
 

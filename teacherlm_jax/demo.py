@@ -28,10 +28,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 
 from teacherlm_jax import checkpoints, convert, train, vocabularies
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_HF_DIR = REPO / "tests" / "fixtures" / "hf_bloom_tiny"
@@ -43,7 +44,7 @@ SENTENCES = (
 PROMPT = "Q: Where would you put a plate after washing it? A:"
 
 
-def sequence_log_likelihoods(model: bloom.Bloom, params: dict, token_rows: list[list[int]]) -> np.ndarray:
+def sequence_log_likelihoods(model: nn.Module, params: dict, token_rows: list[list[int]]) -> np.ndarray:
   """Sum of log p(token_t | tokens_<t) over each row (right-padded batch) -> [rows]."""
   length = max(len(row) for row in token_rows)
   tokens = np.zeros((len(token_rows), length), np.int32)
@@ -56,14 +57,14 @@ def sequence_log_likelihoods(model: bloom.Bloom, params: dict, token_rows: list[
   return np.asarray((picked * mask[:, 1:]).sum(axis=1))
 
 
-def greedy_continuation(model: bloom.Bloom, params: dict, prompt: list[int], new_tokens: int) -> list[int]:
+def greedy_continuation(model: nn.Module, params: dict, prompt: list[int], new_tokens: int) -> list[int]:
   """Greedy decoding with the KV cache: one prefill call, then one call per new token."""
   @jax.jit
   def step(cache, tokens):
     logits, state = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
     return jnp.argmax(logits[:, -1], axis=-1)[:, None], state["cache"]
 
-  cache = bloom.init_cache(model, 1, len(prompt) + new_tokens)
+  cache = common.init_cache(model, 1, len(prompt) + new_tokens)
   token, cache = step(cache, jnp.asarray([prompt], jnp.int32))
   generated = [int(token[0, 0])]
   for _ in range(new_tokens - 1):
@@ -138,7 +139,7 @@ def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   ckpt, export = out / "params_checkpoint", out / "hf_export"
   convert.import_hf(str(hf_dir), str(ckpt))
   config = checkpoints.load_config(str(ckpt))
-  model, params = bloom.Bloom(config), checkpoints.load_params(str(ckpt))
+  model, params = registry.build(config), checkpoints.load_params(str(ckpt))
   vocabulary = vocabularies.HfTokenizerVocabulary(str(ckpt / "tokenizer.json"))
 
   scores = sequence_log_likelihoods(model, params, [vocabulary.encode(s) for s in SENTENCES])
@@ -149,7 +150,7 @@ def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   round_trip = all(jax.tree.leaves(jax.tree.map(np.array_equal, reimported, jax.device_get(params))))
   summary = {
       "model": config.to_dict(),
-      "params": bloom.count_params(params),
+      "params": common.count_params(params),
       "log_likelihoods": {s: float(v) for s, v in zip(SENTENCES, scores)},
       "prompt": PROMPT,
       "greedy_continuation": vocabulary.decode(continuation),

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Iterator, Optional, Sequence
 
 import gin
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from teacherlm_jax import checkpoints, convert, partitioning, train, train_checkpoints, trainer
-from teacherlm_jax.models import bloom
 
 log = train.log
 SIDES = ("chosen", "rejected")
@@ -47,7 +47,7 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
                 "chosen_reward": jnp.mean(chosen_reward), "rejected_reward": jnp.mean(rejected_reward)}
 
 
-def sequence_log_probs(model: bloom.Bloom, params: Any, tokens: jax.Array, mask: jax.Array,
+def sequence_log_probs(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Array,
                        weights: jax.Array) -> jax.Array:
   """Sum of log p(token_t | tokens_<t) over the weighted (response) positions: tokens, mask, weights [b, l] -> [b].
 
@@ -59,12 +59,12 @@ def sequence_log_probs(model: bloom.Bloom, params: Any, tokens: jax.Array, mask:
   return jnp.sum(picked * weights[:, 1:], axis=-1)
 
 
-def pair_log_probs(model: bloom.Bloom, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def pair_log_probs(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   return tuple(sequence_log_probs(model, params, batch[f"{side}_tokens"], batch[f"{side}_mask"],
                                   batch[f"{side}_weights"]) for side in SIDES)
 
 
-def dpo_train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, beta: float,
+def dpo_train_step(model: nn.Module, optimizer: optax.GradientTransformation, beta: float,
                    state: trainer.TrainState, reference_params: Any, batch: dict[str, jax.Array]
                    ) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
   """One DPO update of the policy (`state.params`); the reference params get no gradient."""
@@ -80,7 +80,7 @@ def dpo_train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, 
   return trainer.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_dpo_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, beta: float,
+def jit_dpo_step(model: nn.Module, optimizer: optax.GradientTransformation, beta: float,
                  shardings: trainer.TrainState, mesh: Mesh,
                  rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   """`dpo_train_step` under jit: (state, reference params, batch) -> (state, metrics); the old state is donated."""
@@ -158,7 +158,7 @@ class DpoConfig:
   mesh_shape: tuple[int, int, int] = (1, -1, 1)
 
 
-def initial_state(config: DpoConfig, model: bloom.Bloom, optimizer, shardings, manager, teacher_params):
+def initial_state(config: DpoConfig, model: nn.Module, optimizer, shardings, manager, teacher_params):
   """(state, where it came from): resumed from MODEL_DIR, or the teacher's params with a fresh optimizer."""
   latest = manager.latest_step()
   if latest is not None:
@@ -209,7 +209,7 @@ def run(config: DpoConfig) -> dict[str, float]:
   return metrics
 
 
-def save_final(model_dir: str, state: trainer.TrainState, config: bloom.BloomConfig,
+def save_final(model_dir: str, state: trainer.TrainState, config: Any,
                vocabulary: Optional[seqio.Vocabulary]) -> None:
   """MODEL_DIR/final_params, written once per final step (an earlier, shorter run's are replaced)."""
   final = epath.Path(model_dir) / checkpoints.FINAL_PARAMS_DIR

@@ -29,6 +29,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import gin
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from teacherlm_jax import checkpoints, convert, decoding, partitioning, train
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common
 
 log = train.log
 
@@ -102,7 +103,7 @@ def _repeat_rows(cache, times: int) -> dict:
   return jax.tree.map(repeat, cache, decoding.cache_logical_axes(cache))
 
 
-def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_mask: jax.Array,
+def score_batch(model: nn.Module, params, context_tokens: jax.Array, context_mask: jax.Array,
                 option_tokens: jax.Array, option_mask: jax.Array) -> jax.Array:
   """Log-likelihoods [b, k] of k options per context.
 
@@ -112,7 +113,7 @@ def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_m
   """
   batch, length = context_tokens.shape
   _, num_options, option_length = option_tokens.shape
-  cache = decoding.constrain_cache(bloom.init_cache(model, batch, length + option_length))
+  cache = decoding.constrain_cache(common.init_cache(model, batch, length + option_length))
   logits, state = model.apply({"params": params, "cache": cache}, context_tokens, context_mask, decode=True,
                               last_only=True, mutable=["cache"])
   first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [b, v]
@@ -129,11 +130,11 @@ def score_batch(model: bloom.Bloom, params, context_tokens: jax.Array, context_m
   return scores
 
 
-def jit_score(model: bloom.Bloom, mesh: Optional[Mesh] = None,
+def jit_score(model: nn.Module, mesh: Optional[Mesh] = None,
               rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   """`score_batch` under jit: (params, host context tokens/mask, option tokens/mask) -> numpy [b, k]."""
   rows, options = ("batch", "length"), ("batch", None, "length")
-  return partitioning.jit_host_io(functools.partial(score_batch, model), functools.partial(bloom.init_params, model),
+  return partitioning.jit_host_io(functools.partial(score_batch, model), functools.partial(common.init_params, model),
                                   [rows, rows, options, options], mesh, rules)
 
 

@@ -10,6 +10,12 @@ A size-1 axis costs nothing, so one set of rules serves data parallel (data=N), 
 (tensor=N) and any mix. `DEFAULT_LOGICAL_AXIS_RULES` maps the model's logical axis names onto those mesh axes; the
 rules are tried in order and a mesh axis is used at most once per array (so activations [batch, length, embed] put the
 batch on data x fsdp and keep embed whole).
+
+Grouped-query attention: key/value projections and the KV cache carry `kv_heads` (g heads, fewer than the h query
+heads). They are split over `tensor` like the query heads, which needs g % tensor == 0; when it does not (2 kv heads
+on tensor=4), every sharding is refused with the fix: a tensor axis that divides g, or `replicate_kv_heads(rules)`,
+which keeps K/V whole on every tensor shard (each shard then computes its query heads against all g K/V heads:
+the same numbers, more K/V memory).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalAxisRules = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
@@ -81,21 +88,34 @@ def logical_partition_specs(boxed_tree: Any, rules: LogicalAxisRules = DEFAULT_L
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalAxisRules = DEFAULT_LOGICAL_AXIS_RULES) -> Any:
   """`NamedSharding`s for a tree of logically partitioned leaves; checks that every sharded dim divides evenly."""
   specs = logical_partition_specs(boxed_tree, rules)
-  shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
-                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  jax.tree_util.tree_map_with_path(lambda path, leaf, spec: _check_divisible(path, leaf.shape, spec, mesh),
-                                   shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, boxed_tree, is_leaf=boxed)
+  names = jax.tree.map(lambda x: tuple(x.names) if boxed(x) else "", boxed_tree, is_leaf=boxed)
+  jax.tree_util.tree_map_with_path(lambda path, leaf, spec, axis_names: _check_divisible(
+      path, leaf.shape, spec, mesh, axis_names), shapes, specs, names,
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _check_divisible(path, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
-  for dim, axes in zip(shape, spec):
+def replicate_kv_heads(rules: LogicalAxisRules = DEFAULT_LOGICAL_AXIS_RULES) -> LogicalAxisRules:
+  """`rules` with grouped K/V heads replicated instead of split over `tensor` (see the module docstring)."""
+  return tuple(("kv_heads", None) if name == "kv_heads" else (name, axes) for name, axes in rules)
+
+
+def _check_divisible(path, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh,
+                     names: Optional[tuple] = None) -> None:
+  for i, (dim, axes) in enumerate(zip(shape, spec)):
     axes = (axes,) if isinstance(axes, str) else (axes or ())
     ways = math.prod(mesh.shape[a] for a in axes)
-    if dim % ways:
-      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {shape}: dimension {dim} cannot be split "
-                       f"{ways} ways over mesh axes {axes} (mesh {dict(mesh.shape)}); change the mesh or the rules")
+    if dim % ways == 0:
+      continue
+    if names is not None and names[i] == "kv_heads":
+      raise ValueError(f"{jax.tree_util.keystr(path)}: {dim} key/value heads (grouped-query attention) cannot be "
+                       f"split {ways} ways over mesh axes {axes} (mesh {dict(mesh.shape)}); use a tensor axis that "
+                       f"divides {dim}, or partitioning.replicate_kv_heads(rules) to keep K/V whole on every shard")
+    raise ValueError(f"{jax.tree_util.keystr(path)} has shape {shape}: dimension {dim} cannot be split "
+                     f"{ways} ways over mesh axes {axes} (mesh {dict(mesh.shape)}); change the mesh or the rules")
 
 
 def abstract_params(init_fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from tasks import config as task_config
 from tasks import sources as task_sources
 from teacherlm_jax import checkpoints, data_sources, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import registry
 
 log = logging.getLogger("teacherlm_jax")
 DATA_STATS_DIR = "data_stats"  # MODEL_DIR/data_stats: the persisted record counts of uncached sources
@@ -63,7 +63,7 @@ class TrainResult:
   loss_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, loss) at each log step
 
 
-def train(*, model_config: bloom.BloomConfig, data_config: input_pipeline.DataConfig,
+def train(*, model_config: Any, data_config: input_pipeline.DataConfig,
           optimizer_config: trainer.OptimizerConfig, model_dir: str, train_steps: int,
           initial_checkpoint_path: Optional[str] = None, mesh_shape: Sequence[int] = (1, -1, 1),
           logical_axis_rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
@@ -104,7 +104,7 @@ def _train(model_config, data_config, optimizer_config, model_dir, train_steps, 
            log_example_ids, checkpoint_input_pipeline, loop_options) -> TrainResult:
   mesh = partitioning.make_mesh(*mesh_shape)
   _check_batch(data_config.batch_size, accumulation_steps, mesh)
-  model = bloom.Bloom(model_config)
+  model = registry.build(model_config)
   optimizer = trainer.make_optimizer(optimizer_config)
   shardings = trainer.state_shardings(model, optimizer, mesh, logical_axis_rules)
   manager = train_checkpoints.manager(model_dir, save_every, keep_checkpoints)
@@ -129,7 +129,7 @@ class _RunContext:
   """The fixed parts of a run that the loop's helpers need."""
 
   model_dir: str
-  model_config: bloom.BloomConfig
+  model_config: Any
   data_config: input_pipeline.DataConfig
   mesh: jax.sharding.Mesh
   rules: partitioning.LogicalAxisRules
@@ -144,7 +144,7 @@ class _RunContext:
   @functools.cached_property
   def eval_fn(self):
     """jit(params, batch) -> the loss sums of a batch (compiled once per run)."""
-    model = bloom.Bloom(self.model_config)
+    model = registry.build(self.model_config)
     return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
 
 

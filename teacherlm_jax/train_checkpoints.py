@@ -2,7 +2,7 @@
 
   MODEL_DIR/checkpoints/<step>/state   train state (params, optimizer state, step), sharded arrays
   MODEL_DIR/checkpoints/<step>/data    {"mixture_or_task_name", "seed", "batches_consumed", "num_data_shards"}
-  MODEL_DIR/checkpoints/<step>/model   the BloomConfig fields
+  MODEL_DIR/checkpoints/<step>/model   the model config (`models.registry.config_to_dict`: family + fields)
   MODEL_DIR/input_state/<step>/shard-SSSSS-of-NNNNN.{index,data-*}
                                        each data shard's tf.data iterator at that step (`input_pipeline`), written
                                        by the process that reads the shard, before the step's orbax save starts
@@ -22,14 +22,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from teacherlm_jax import checkpoints
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import registry
 
 CHECKPOINTS_DIR = "checkpoints"
 INPUT_STATE_DIR = "input_state"
 FINAL_PARAMS_DIR = checkpoints.FINAL_PARAMS_DIR
-# Fields that must match for a checkpoint to belong to this model (dtypes, remat and scanning may change).
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads")
-
 
 def manager(model_dir: str, save_interval_steps: int, max_to_keep: Optional[int]) -> ocp.CheckpointManager:
   """The run's checkpoint manager (async saves every `save_interval_steps`, keeping the last `max_to_keep`)."""
@@ -40,10 +37,10 @@ def manager(model_dir: str, save_interval_steps: int, max_to_keep: Optional[int]
 
 
 def save(checkpoint_manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
-         config: bloom.BloomConfig, force: bool = False) -> bool:
+         config: Any, force: bool = False) -> bool:
   """Starts an asynchronous save of `step` if it is due (or `force`); returns whether one started."""
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                            model=ocp.args.JsonSave(config.to_dict()))
+                            model=ocp.args.JsonSave(registry.config_to_dict(config)))
   return checkpoint_manager.save(step, args=args, force=force)
 
 
@@ -52,10 +49,12 @@ def stored_model(checkpoint_manager: ocp.CheckpointManager, step: int) -> dict:
   return checkpoint_manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
 
 
-def check_same_model(model_dir: str, stored: dict, config: bloom.BloomConfig) -> None:
+def check_same_model(model_dir: str, stored: dict, config: Any) -> None:
   """Refuses to resume a MODEL_DIR that holds another model's checkpoints."""
-  diff = [f"{field}: checkpoint {stored.get(field)} vs configured {getattr(config, field)}"
-          for field in SHAPE_FIELDS if stored.get(field) != getattr(config, field)]
+  wanted = registry.shape_fields(config)
+  have = registry.shape_fields(registry.config_from_dict(stored))
+  diff = [f"{field}: checkpoint {have.get(field)} vs configured {wanted.get(field)}"
+          for field in sorted(set(have) | set(wanted)) if have.get(field) != wanted.get(field)]
   if diff:
     raise ValueError(f"MODEL_DIR {model_dir} holds checkpoints of a different model ({'; '.join(diff)}); use a new "
                      "MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from another run")

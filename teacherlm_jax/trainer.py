@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from teacherlm_jax import partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import common, registry
 
 Batch = Mapping[str, jax.Array]
 DECAYS = ("cosine", "linear", "constant")
@@ -81,10 +81,11 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-  """True for kernels and the embedding matrix, False for biases and LayerNorm parameters."""
+  """True for matrices (kernels, embedding and position tables, untied heads), False for biases and norm scales,
+  in every family: a leaf named `scale`, `bias` or `*_bias` does not decay."""
   def decays(path, _) -> bool:
-    name = jax.tree_util.keystr(path)
-    return "kernel" in name or "word_embeddings']" in name and "layernorm" not in name
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name in ("scale", "bias") or name.endswith("_bias"))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -99,10 +100,10 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
 # ------------------------------------------------------------------------------------------------ state
 
 
-def state_shardings(model: bloom.Bloom, optimizer: optax.GradientTransformation, mesh: Mesh,
+def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES) -> TrainState:
   """`NamedSharding`s of the train state: params by the rules, optimizer moments like their params."""
-  boxed = jax.eval_shape(functools.partial(bloom.init_params, model), jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(common.init_params, model), jax.random.key(0))
   param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
   abstract_opt_state = jax.eval_shape(optimizer.init, nn.unbox(boxed))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -120,21 +121,21 @@ def _like_params(opt_state: Any, params: Any, param_shardings: Any, default: Nam
                       is_leaf=is_param_tree)
 
 
-def abstract_train_state(model: bloom.Bloom, optimizer: optax.GradientTransformation) -> TrainState:
+def abstract_train_state(model: nn.Module, optimizer: optax.GradientTransformation) -> TrainState:
   """Shapes and dtypes of the train state (nothing is computed)."""
-  params = nn.unbox(jax.eval_shape(functools.partial(bloom.init_params, model), jax.random.key(0)))
+  params = nn.unbox(jax.eval_shape(functools.partial(common.init_params, model), jax.random.key(0)))
   return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                     opt_state=jax.eval_shape(optimizer.init, params))
 
 
-def init_train_state(model: bloom.Bloom, optimizer: optax.GradientTransformation, rng: jax.Array,
+def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
                      shardings: TrainState, params: Optional[Any] = None) -> TrainState:
   """A fresh train state laid out by `shardings`, computed under jit so no device holds more than its shards.
 
   With `params` (e.g. restored from an initial checkpoint), those are used and only the optimizer state is new.
   """
   def init(key, given):
-    weights = nn.unbox(bloom.init_params(model, key)) if given is None else given
+    weights = nn.unbox(common.init_params(model, key)) if given is None else given
     return TrainState(step=jnp.zeros((), jnp.int32), params=weights, opt_state=optimizer.init(weights))
   in_shardings = (None, None if params is None else shardings.params)
   return jax.jit(init, in_shardings=in_shardings, out_shardings=shardings)(rng, params)
@@ -143,7 +144,7 @@ def init_train_state(model: bloom.Bloom, optimizer: optax.GradientTransformation
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def loss_sums(model: bloom.Bloom, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_sums(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Summed cross-entropy over weighted target tokens, and the sums the metrics need (float32 scalars)."""
   logits = model.apply({"params": params}, batch["decoder_input_tokens"],
                        segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
@@ -168,7 +169,7 @@ def _count_examples(batch: Batch) -> jax.Array:
   return starts.sum().astype(jnp.float32)
 
 
-def train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, accumulation_steps: int,
+def train_step(model: nn.Module, optimizer: optax.GradientTransformation, accumulation_steps: int,
                learning_rate_fn: Optional[optax.Schedule], state: TrainState,
                batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch [B, L] split into `accumulation_steps` micro-batches [B/A, L].
@@ -203,7 +204,7 @@ def batch_sharding(mesh: Mesh, rules: partitioning.LogicalAxisRules = partitioni
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
 
 
-def jit_train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, accumulation_steps: int,
+def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation, accumulation_steps: int,
                    shardings: TrainState, mesh: Mesh,
                    rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
                    learning_rate_fn: Optional[optax.Schedule] = None) -> Callable:
@@ -218,11 +219,10 @@ def jit_train_step(model: bloom.Bloom, optimizer: optax.GradientTransformation, 
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def model_flops_per_token(config: bloom.BloomConfig, sequence_length: int) -> float:
-  """Training FLOPs per token: 6 x non-embedding params + the attention matmuls (PaLM, appendix B), plus the LM head."""
-  e, n = config.hidden_size, config.num_layers
-  per_layer = 12 * e * e + 13 * e
-  return 6 * (n * per_layer + config.vocab_size * e) + 12 * n * e * sequence_length
+def model_flops_per_token(config: Any, sequence_length: int) -> float:
+  """Training FLOPs per token of any family: 6 x the params used in matmuls (the LM head included, lookup tables
+  not) + the attention matmuls (PaLM, appendix B); see `models.registry.flops_per_token`."""
+  return registry.flops_per_token(config, sequence_length)
 
 
 def global_batch(arrays: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

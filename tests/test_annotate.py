@@ -83,7 +83,7 @@ def test_every_record_once_in_input_order_with_the_release_fields(reference):
 
 def test_each_record_equals_decoding_it_alone(reference, hf_tiny_dir):
   config, summary = reference
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  model, params = convert.load_hf(str(hf_tiny_dir))
   generate = decoding.jit_generate(model, decoding.DecodingConfig(6, eos_id=VOCABULARY.eos_id))
   for record in _lines(summary.output)[::5]:
     original = {k: v for k, v in record.items() if k not in annotation_inputs.OUTPUT_FIELDS}

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from teacherlm_jax import convert
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 from conftest import FIXTURES
 
@@ -19,7 +19,7 @@ TINY = bloom.BloomConfig(vocab_size=64, hidden_size=24, num_layers=2, num_heads=
 
 def _init(config: bloom.BloomConfig, seed: int = 0):
   model = bloom.Bloom(config)
-  return model, nn.unbox(bloom.init_params(model, jax.random.key(seed)))
+  return model, nn.unbox(common.init_params(model, jax.random.key(seed)))
 
 
 def _nonpad_max_diff(logits, reference) -> float:
@@ -29,14 +29,14 @@ def _nonpad_max_diff(logits, reference) -> float:
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_logits_match_transformers_with_left_and_right_padding(hf_tiny_dir, hf_reference, scan_layers):
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir), scan_layers=scan_layers)
+  model, params = convert.load_hf(str(hf_tiny_dir), scan_layers=scan_layers)
   logits = model.apply({"params": params}, hf_reference["input_ids"], hf_reference["attention_mask"])
   assert logits.shape == (4, 12, 512) and logits.dtype == jnp.float32
   assert _nonpad_max_diff(logits, hf_reference) < 1e-4
 
 
 def test_left_padded_row_equals_unpadded_row(hf_tiny_dir, hf_reference):
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  model, params = convert.load_hf(str(hf_tiny_dir))
   row = 1  # 4 left pads then 8 tokens
   tokens = hf_reference["input_ids"][row:row + 1, 4:]
   unpadded = model.apply({"params": params}, tokens)
@@ -55,7 +55,7 @@ def test_alibi_slopes_for_head_counts_that_are_not_powers_of_two():
 
 def test_segment_positions_for_padding_and_packing():
   segments = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
-  np.testing.assert_array_equal(bloom.segment_positions(segments),
+  np.testing.assert_array_equal(common.segment_positions(segments),
                                 [[0, 1, 0, 1, 2], [0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
 
 
@@ -91,7 +91,7 @@ def _decoder(model):
 
 def _decode_step_by_step(model, params, tokens, mask, prefill: int, max_length: int):
   decode = _decoder(model)
-  logits, cache = decode(params, bloom.init_cache(model, tokens.shape[0], max_length), tokens[:, :prefill],
+  logits, cache = decode(params, common.init_cache(model, tokens.shape[0], max_length), tokens[:, :prefill],
                          mask[:, :prefill])
   outputs = [logits]
   for t in range(prefill, tokens.shape[1]):
@@ -102,7 +102,7 @@ def _decode_step_by_step(model, params, tokens, mask, prefill: int, max_length: 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_reproduces_full_forward(hf_tiny_dir, hf_reference, scan_layers):
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir), scan_layers=scan_layers)
+  model, params = convert.load_hf(str(hf_tiny_dir), scan_layers=scan_layers)
   tokens, mask = hf_reference["input_ids"][[0, 1, 3]], hf_reference["attention_mask"][[0, 1, 3]]  # left padding
   full = model.apply({"params": params}, tokens, mask)
   for prefill in (1, 6):
@@ -113,10 +113,10 @@ def test_kv_cache_reproduces_full_forward(hf_tiny_dir, hf_reference, scan_layers
 
 def test_greedy_decoding_matches_transformers_generate(hf_tiny_dir):
   greedy = load_file(str(FIXTURES / "hf_bloom_tiny_greedy.safetensors"))
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  model, params = convert.load_hf(str(hf_tiny_dir))
   prompt = jnp.asarray(greedy["prompt_ids"])
   decode = _decoder(model)
-  logits, cache = decode(params, bloom.init_cache(model, 1, prompt.shape[1] + 8), prompt, jnp.ones_like(prompt))
+  logits, cache = decode(params, common.init_cache(model, 1, prompt.shape[1] + 8), prompt, jnp.ones_like(prompt))
   step_logits, generated = [], []
   for _ in range(8):
     step_logits.append(logits[:, -1])
@@ -130,7 +130,7 @@ def test_greedy_decoding_matches_transformers_generate(hf_tiny_dir):
 def test_scan_and_remat_do_not_change_logits_or_grads():
   tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, 64)
   reference_model, reference_params = _init(TINY)
-  unscanned = bloom.relayout_layers(reference_params, TINY.num_layers, scan_layers=False)
+  unscanned = registry.relayout_layers(TINY, reference_params, scan_layers=False)
 
   def loss(model, params):
     return model.apply({"params": params}, tokens).astype(jnp.float32).std()
@@ -143,7 +143,7 @@ def test_scan_and_remat_do_not_change_logits_or_grads():
     model = bloom.Bloom(config)
     params = reference_params if scan_layers else unscanned
     grads = jax.jit(jax.grad(functools.partial(loss, model)))(params)
-    grads = bloom.relayout_layers(grads, TINY.num_layers, scan_layers=True)
+    grads = registry.relayout_layers(TINY, grads, scan_layers=True)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, reference_grads)
 
 
@@ -159,7 +159,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_params_carry_logical_axis_names():
-  boxed = jax.eval_shape(lambda key: bloom.init_params(bloom.Bloom(TINY), key), jax.random.key(0))
+  boxed = jax.eval_shape(lambda key: common.init_params(bloom.Bloom(TINY), key), jax.random.key(0))
   names = nn.get_partition_spec(boxed)
   assert tuple(names["word_embeddings"]) == ("vocab", "embed")
   assert tuple(names["h"]["self_attention"]["qkv_kernel"]) == ("layers", "embed", "heads", None, "kv")
@@ -178,7 +178,7 @@ def test_config_validation():
 
 
 def test_last_only_gives_the_logits_of_the_last_position(hf_tiny_dir, hf_reference):
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  model, params = convert.load_hf(str(hf_tiny_dir))
   ids, mask = hf_reference["input_ids"][:2], hf_reference["attention_mask"][:2]  # full and left-padded rows
   last = model.apply({"params": params}, ids, mask, last_only=True)
   assert last.shape == (2, 1, model.config.vocab_size)

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from teacherlm_jax import checkpoints, convert, partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 from conftest import FIXTURES
 
@@ -32,7 +32,7 @@ def _spec(array: jax.Array) -> tuple:
 @pytest.fixture(scope="module")
 def model() -> tuple[bloom.BloomConfig, dict]:
   """Config and params (scanned layers) of the tiny HF fixture."""
-  loaded, params = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"))
+  loaded, params = convert.load_hf(str(FIXTURES / "hf_bloom_tiny"))
   return loaded.config, params
 
 
@@ -73,7 +73,7 @@ def test_restore_onto_a_mesh_gives_the_rule_shardings(ckpt, model):
 def test_sharded_params_save_and_load_unsharded(tmp_path, model):
   config, params = model
   mesh = partitioning.make_mesh(data=1, fsdp=4, tensor=2)
-  sharded = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)[1]
+  sharded = convert.load_hf(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)[1]
   checkpoints.save_params(str(tmp_path / "ckpt"), sharded, config)
   _assert_trees_equal(checkpoints.load_params(str(tmp_path / "ckpt")), params)
 
@@ -94,7 +94,7 @@ def test_loading_with_scan_layers_false_relayouts_to_per_layer_params(ckpt, mode
 def test_per_layer_checkpoint_loads_scanned(tmp_path, model):
   config, params = model
   per_layer = dataclasses.replace(config, scan_layers=False)
-  checkpoints.save_params(str(tmp_path / "ckpt"), bloom.relayout_layers(params, 2, scan_layers=False), per_layer)
+  checkpoints.save_params(str(tmp_path / "ckpt"), registry.relayout_layers(config, params, scan_layers=False), per_layer)
   assert checkpoints.load_config(str(tmp_path / "ckpt")).scan_layers is False
   _assert_trees_equal(checkpoints.load_params(str(tmp_path / "ckpt"), config), params)
 

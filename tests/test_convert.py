@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
 from teacherlm_jax import checkpoints, convert, partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 from conftest import FIXTURES
 
@@ -94,7 +94,7 @@ def ckpts(tmp_path_factory) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="module")
 def reference_params() -> dict:
   """The single-file fixture loaded in memory (unsharded, scanned layers)."""
-  return convert.load_hf_bloom(str(SINGLE))[1]
+  return convert.load_hf(str(SINGLE))[1]
 
 
 # ----------------------------------------------------------------------------------------------- round trips
@@ -137,13 +137,14 @@ def test_sharded_export_writes_a_valid_index_and_reimports_identically(ckpts, tm
   assert sorted(index["weight_map"]) == sorted(tensors)
   assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values()) == 81312 * 4
   _assert_bit_identical(tensors, _read_hf_tensors(SINGLE))
-  _assert_trees_equal(convert.load_hf_bloom(str(out))[1], reference_params)
+  _assert_trees_equal(convert.load_hf(str(out))[1], reference_params)
 
 
 def test_load_model_reads_every_checkpoint_kind_in_either_layer_layout(ckpts, reference_params):
   """A params checkpoint (stored scanned) and a Hugging Face directory load as they are or per layer
   (`scan_layers=False`, what decoding runs), with the same weights either way."""
-  per_layer = bloom.relayout_layers(reference_params, 2, scan_layers=False)
+  per_layer = registry.relayout_layers(convert.config_from_hf(convert.read_hf_config(str(SINGLE))), reference_params,
+                                       scan_layers=False)
   for path in (ckpts["single"], SINGLE):
     model, params = convert.load_model(str(path))
     assert model.config.scan_layers and "h" in params
@@ -210,7 +211,7 @@ def _old_config_keys(config: dict) -> dict:
 ], ids=["unprefixed_names", "n_embed_num_attention_heads", "tied_lm_head", "all_three"])
 def test_old_bigscience_layouts_import_to_the_same_params(tmp_path, reference_params, tensors, config):
   hf_dir = _rewrite(tmp_path / "hf", tensors=tensors, config=config)
-  _assert_trees_equal(convert.load_hf_bloom(str(hf_dir))[1], reference_params)
+  _assert_trees_equal(convert.load_hf(str(hf_dir))[1], reference_params)
   out = _export(_import(hf_dir, tmp_path / "ckpt"), tmp_path / "export")
   _assert_bit_identical(load_file(str(out / "model.safetensors")), load_file(str(SINGLE / "model.safetensors")))
   exported_config = json.loads((out / "config.json").read_text())
@@ -221,7 +222,7 @@ def test_old_bigscience_layouts_import_to_the_same_params(tmp_path, reference_pa
 def test_pytorch_pickles_next_to_safetensors_are_never_opened(tmp_path, reference_params):
   hf_dir = _rewrite(tmp_path / "hf")
   (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not a real pickle")
-  _assert_trees_equal(convert.load_hf_bloom(str(hf_dir))[1], reference_params)
+  _assert_trees_equal(convert.load_hf(str(hf_dir))[1], reference_params)
 
 
 def test_untied_lm_head_is_refused(tmp_path):
@@ -229,9 +230,9 @@ def test_untied_lm_head_is_refused(tmp_path):
     return {**tensors, "lm_head.weight": tensors["transformer.word_embeddings.weight"] + np.float32(1e-3)}
   hf_dir = _rewrite(tmp_path / "hf", tensors=untied)
   with pytest.raises(convert.ConversionError,
-                     match=re.escape(f"{hf_dir / 'model.safetensors'}: tensor 'lm_head.weight' differs from the word "
-                                     "embeddings")):
-    convert.load_hf_bloom(str(hf_dir))
+                     match=re.escape(f"{hf_dir / 'model.safetensors'}: tensor 'lm_head.weight' differs from the "
+                                     "embeddings, but the model ties them")):
+    convert.load_hf(str(hf_dir))
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -244,7 +245,7 @@ def _spec(array: jax.Array) -> tuple:
 
 def test_load_on_a_mesh_shards_by_the_rules_and_keeps_the_logits(hf_reference, reference_params):
   mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
-  model, params = convert.load_hf_bloom(str(SINGLE), mesh=mesh)
+  model, params = convert.load_hf(str(SINGLE), mesh=mesh)
   for leaf in jax.tree.leaves(params):
     assert isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
   expected = {
@@ -316,8 +317,8 @@ def _invalid_config_json(tmp: pathlib.Path):
 
 def _gpt2(tmp: pathlib.Path):
   hf_dir = _rewrite(tmp / "hf", config=lambda c: {**c, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
-  return hf_dir, re.escape(f"{hf_dir / 'config.json'}: model_type='gpt2', architectures=['GPT2LMHeadModel']; "
-                           "only BLOOM")
+  return hf_dir, re.escape(f"{hf_dir / 'config.json'}: model_type='gpt2', architectures=['GPT2LMHeadModel']: "
+                           "not a supported family (model_type one of ['bloom', 'llama', 'mistral', 'opt', 'qwen2'])")
 
 
 def _heads_do_not_divide(tmp: pathlib.Path):
@@ -327,7 +328,7 @@ def _heads_do_not_divide(tmp: pathlib.Path):
 
 def _missing_tensor(tmp: pathlib.Path):
   hf_dir = _rewrite(tmp / "hf", tensors=lambda t: {k: v for k, v in t.items() if k != "transformer.ln_f.bias"})
-  return hf_dir, re.escape(f"{hf_dir}: missing tensors ['ln_f.bias'] (1 of 29)")
+  return hf_dir, re.escape(f"{hf_dir}: missing tensors ['transformer.ln_f.bias'] (1 of 29)")
 
 
 def _misnamed_tensor(tmp: pathlib.Path):
@@ -361,13 +362,13 @@ def _config_vocab_size(tmp: pathlib.Path):
 
 def _config_more_layers(tmp: pathlib.Path):
   hf_dir = _rewrite(tmp / "hf", config=lambda c: {**c, "n_layer": 3})
-  return hf_dir, re.escape(f"{hf_dir}: missing tensors ['h.2.input_layernorm.bias', ") + r".*\(12 of 41\)"
+  return hf_dir, re.escape(f"{hf_dir}: missing tensors ['transformer.h.2.input_layernorm.bias', ") + r".*\(12 of 41\)"
 
 
 def _config_fewer_layers(tmp: pathlib.Path):
   hf_dir = _rewrite(tmp / "hf", config=lambda c: {**c, "n_layer": 1})
   return hf_dir, re.escape(f"{hf_dir / 'model.safetensors'}: unexpected tensor 'transformer.h.1.") + r"\S+' \(not a " \
-      r"BLOOM parameter of a 1-layer model\)"
+      r"parameter of this 1-layer bloom model\)"
 
 
 def _truncated(keep: Callable[[int], int]):
@@ -422,7 +423,7 @@ BAD_INPUTS = {
 def test_bad_input_raises_a_conversion_error_naming_file_and_tensor(tmp_path, capsys, case):
   hf_dir, message = BAD_INPUTS[case](tmp_path)
   with pytest.raises(convert.ConversionError, match=message):
-    convert.load_hf_bloom(str(hf_dir))
+    convert.load_hf(str(hf_dir))
   capsys.readouterr()
   assert convert.main(["import-hf", "--hf_dir", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 1
   captured = capsys.readouterr()

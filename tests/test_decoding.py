@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from teacherlm_jax import convert, decoding, partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 from conftest import FIXTURES
 
@@ -19,7 +19,7 @@ PROMPTS = [[436, 327, 263, 141, 160], [77, 88], [300, 301, 302, 303, 304, 305, 3
 
 @pytest.fixture(scope="module")
 def tiny():
-  return convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"))
+  return convert.load_hf(str(FIXTURES / "hf_bloom_tiny"))
 
 
 def _generate(model, params, prompts, config, seeds=None, seed=0):
@@ -171,7 +171,7 @@ def test_rows_stop_at_a_stop_sequence(tiny):
 def test_sharded_generation_on_a_mesh_equals_one_device(tiny):
   model, params = tiny
   mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
-  _, sharded = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
+  _, sharded = convert.load_hf(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
   assert sharded["word_embeddings"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   for config in (decoding.DecodingConfig(6, eos_id=-1), decoding.DecodingConfig(6, eos_id=-1, temperature=1.0)):
     expected, expected_lengths = _generate(model, params, PROMPTS, config)
@@ -187,7 +187,7 @@ def test_the_cache_is_sharded_by_the_logical_axis_rules(tiny):
   model, _ = tiny
   mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
   with partitioning.activation_rules(mesh):
-    cache = jax.jit(lambda: decoding.constrain_cache(bloom.init_cache(model, 4, 16)))()
+    cache = jax.jit(lambda: decoding.constrain_cache(common.init_cache(model, 4, 16)))()
   layers = cache["h"]["self_attention"]  # scanned layers: a leading layer axis
   rows = ("data", "fsdp")
   assert layers["key"].shape == (2, 4, 6, 16, 8)  # head-major: [layers, batch, heads, length, head_dim]

@@ -33,7 +33,7 @@ def test_the_gradient_pushes_the_chosen_log_ratio_up():
 
 
 def test_sequence_log_probs_sum_the_response_tokens(hf_tiny_dir):
-  model, params = convert.load_hf_bloom(str(hf_tiny_dir))
+  model, params = convert.load_hf(str(hf_tiny_dir))
   features = dpo.encode_pair({"prompt": "Q: Why? A:", "chosen": " Because.", "rejected": " No"}, VOCABULARY, 24)
   tokens, mask, weights = (features[f"chosen_{n}"][None] for n in ("tokens", "mask", "weights"))
   ours = float(dpo.sequence_log_probs(model, params, tokens, mask, weights)[0])

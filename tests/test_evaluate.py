@@ -20,7 +20,7 @@ REFERENCE = json.loads((FIXTURES / "hf_bloom_tiny_rank_scores.json").read_text()
 
 @pytest.fixture(scope="module")
 def tiny():
-  return convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"))
+  return convert.load_hf(str(FIXTURES / "hf_bloom_tiny"))
 
 
 def _examples(cases):
@@ -97,7 +97,7 @@ def test_results_do_not_depend_on_batch_size_or_device_count(tiny):
   examples = evaluate.task_examples("teacherlm_eval_ecqa", "test")[:12]
   one_device = evaluate.score_examples(examples, _scorer(model, params), VOCABULARY, batch_size=1, max_length=256)
   mesh = partitioning.make_mesh(data=2, fsdp=4)
-  _, sharded = convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
+  _, sharded = convert.load_hf(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
   score = evaluate.jit_score(model, mesh)
   with partitioning.activation_rules(mesh):
     eight = evaluate.score_examples(examples, lambda *a: score(sharded, *a), VOCABULARY, batch_size=8, max_length=256,

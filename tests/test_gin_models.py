@@ -6,7 +6,7 @@ import gin
 import jax
 import pytest
 
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 GIN_DIR = pathlib.Path(__file__).parent.parent / "gin" / "models"
 
@@ -31,8 +31,8 @@ def _parse(name: str, *bindings: str):
 def test_published_sizes(name):
   config = _parse(name, "TOKENIZER_PATH = 'unused'")
   assert config.vocab_size == 250880 and config.dtype == "bfloat16" and config.param_dtype == "float32"
-  shapes = jax.eval_shape(lambda key: bloom.init_params(bloom.Bloom(config), key, length=2), jax.random.key(0))
-  assert bloom.count_params(shapes) == PUBLISHED_PARAMS[name]
+  shapes = jax.eval_shape(lambda key: common.init_params(bloom.Bloom(config), key, length=2), jax.random.key(0))
+  assert common.count_params(shapes) == PUBLISHED_PARAMS[name]
 
 
 def test_tiny_config_and_byte_vocabulary():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import annotation_inputs, checkpoints, convert, lbt, report, vocabularies
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 from conftest import FIXTURES
 
@@ -34,7 +34,7 @@ def bag_of_context_student(path) -> str:
   projections are identities, queries/keys zero (attention = ALiBi-weighted mean of the context's embeddings), the
   embedding LayerNorm scaled down so that the context, not the last token, decides. Byte vocabulary."""
   config = bloom.BloomConfig(vocab_size=264, hidden_size=256, num_layers=1, num_heads=4)
-  params = jax.tree.map(np.array, nn.unbox(bloom.init_params(bloom.Bloom(config), jax.random.key(0))))
+  params = jax.tree.map(np.array, nn.unbox(common.init_params(bloom.Bloom(config), jax.random.key(0))))
   params["word_embeddings"] = np.random.default_rng(0).normal(size=(264, 256)).astype(np.float32)
   params["word_embeddings_layernorm"]["scale"][...] = 0.02
   attention, mlp = params["h"]["self_attention"], params["h"]["mlp"]

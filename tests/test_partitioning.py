@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import convert, partitioning
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 MESH_SHAPES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)
 
@@ -41,7 +41,7 @@ def test_make_mesh_axes():
 @pytest.fixture(scope="module")
 def hf_model(request):
   from conftest import FIXTURES
-  return convert.load_hf_bloom(str(FIXTURES / "hf_bloom_tiny"))
+  return convert.load_hf(str(FIXTURES / "hf_bloom_tiny"))
 
 
 @pytest.mark.parametrize("data,fsdp,tensor", MESH_SHAPES)
@@ -52,7 +52,7 @@ def test_sharded_logits_equal_unsharded(hf_model, hf_reference, data, fsdp, tens
   expected = jax.jit(model.apply)({"params": params}, tokens, mask)
 
   mesh = partitioning.make_mesh(data, fsdp, tensor)
-  boxed = jax.eval_shape(functools.partial(bloom.init_params, model), jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(common.init_params, model), jax.random.key(0))
   shardings = partitioning.logical_shardings(boxed, mesh)
   sharded = jax.device_put(params, shardings)
   with partitioning.activation_rules(mesh):
@@ -67,7 +67,7 @@ def test_sharded_logits_equal_unsharded(hf_model, hf_reference, data, fsdp, tens
 def test_params_are_sharded_as_the_rules_say(data, fsdp, tensor):
   config = bloom.BloomConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=6)
   model = bloom.Bloom(config)
-  init_fn = functools.partial(bloom.init_params, model)
+  init_fn = functools.partial(common.init_params, model)
   mesh = partitioning.make_mesh(data, fsdp, tensor)
   params = partitioning.init_sharded(init_fn, jax.random.key(0), mesh)
 
@@ -86,7 +86,7 @@ def test_params_are_sharded_as_the_rules_say(data, fsdp, tensor):
 
 def test_indivisible_dimension_names_the_parameter():
   config = bloom.BloomConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=6)
-  boxed = jax.eval_shape(functools.partial(bloom.init_params, bloom.Bloom(config)), jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(common.init_params, bloom.Bloom(config)), jax.random.key(0))
   mesh = partitioning.make_mesh(data=2, fsdp=1, tensor=4)  # 6 heads cannot split 4 ways
   with pytest.raises(ValueError, match=r"self_attention.*cannot be split 4 ways over mesh axes \('tensor',\)"):
     partitioning.logical_shardings(boxed, mesh)
@@ -96,6 +96,6 @@ def test_custom_rules_replicate_everything():
   config = bloom.BloomConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=6)
   mesh = partitioning.make_mesh(data=8, fsdp=1, tensor=1)
   rules = [("batch", "data")]
-  params = partitioning.init_sharded(functools.partial(bloom.init_params, bloom.Bloom(config)),
+  params = partitioning.init_sharded(functools.partial(common.init_params, bloom.Bloom(config)),
                                      jax.random.key(0), mesh, rules)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))

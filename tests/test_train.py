@@ -15,7 +15,7 @@ import pytest
 
 from tasks import sources
 from teacherlm_jax import checkpoints, gin_utils, train, train_checkpoints, vocabularies
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIN_FILES = [str(REPO / "gin" / "runs" / "train.gin"), str(REPO / "gin" / "models" / "tiny.gin")]
@@ -146,7 +146,7 @@ def test_a_half_written_checkpoint_is_ignored(uninterrupted, tmp_path):
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
   config = bloom.BloomConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4)
-  params = jax.tree.map(np.array, nn.unbox(bloom.init_params(bloom.Bloom(config), jax.random.key(0))))
+  params = jax.tree.map(np.array, nn.unbox(common.init_params(bloom.Bloom(config), jax.random.key(0))))
   params["ln_f"]["scale"][0] = np.nan
   checkpoints.save_params(str(tmp_path / "nan_params"), params, config)
   model_dir = tmp_path / "nan_run"

@@ -10,10 +10,18 @@ import optax
 import pytest
 
 from teacherlm_jax import partitioning, trainer
-from teacherlm_jax.models import bloom
+from teacherlm_jax.models import bloom, common, llama, opt, registry
 
 CONFIG = bloom.BloomConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4)
 MODEL = bloom.Bloom(CONFIG)
+# One tiny model per family: OPT-350M's post-LN layout with a projected embedding, Llama with 2 K/V heads for 4.
+FAMILY_CONFIGS = {
+    "bloom": CONFIG,
+    "opt": opt.OptConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=48,
+                         max_position_embeddings=32, word_embed_proj_dim=16, do_layer_norm_before=False),
+    "llama": llama.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                               rope_theta=500000.0),
+}
 
 
 def _batch(batch_size=8, length=16, seed=0, packed=False):
@@ -24,20 +32,22 @@ def _batch(batch_size=8, length=16, seed=0, packed=False):
   if packed:
     segments = np.repeat([[1] * (length // 2) + [2] * (length // 4) + [0] * (length // 4)], batch_size, axis=0)
     batch["decoder_segment_ids"] = segments.astype(np.int32)
-    batch["decoder_positions"] = np.asarray(bloom.segment_positions(jnp.asarray(segments)), np.int32)
+    batch["decoder_positions"] = np.asarray(common.segment_positions(jnp.asarray(segments)), np.int32)
     batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * (segments != 0)
   return batch
 
 
-def _run(mesh_shape, steps, batch, accumulation_steps=1, optimizer_config=None):
+def _run(mesh_shape, steps, batch, accumulation_steps=1, optimizer_config=None, model=MODEL,
+         rules=partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   optimizer = trainer.make_optimizer(optimizer_config or trainer.OptimizerConfig(
       learning_rate=1e-2, warmup_steps=2, total_steps=steps, weight_decay=0.1))
-  mesh = partitioning.make_mesh(*mesh_shape)
-  shardings = trainer.state_shardings(MODEL, optimizer, mesh)
-  state = trainer.init_train_state(MODEL, optimizer, jax.random.key(0), shardings)
-  step = trainer.jit_train_step(MODEL, optimizer, accumulation_steps, shardings, mesh)
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
+  shardings = trainer.state_shardings(model, optimizer, mesh, rules)
+  state = trainer.init_train_state(model, optimizer, jax.random.key(0), shardings)
+  step = trainer.jit_train_step(model, optimizer, accumulation_steps, shardings, mesh, rules)
   losses = []
-  with partitioning.activation_rules(mesh):
+  with partitioning.activation_rules(mesh, rules):
     for _ in range(steps):
       state, metrics = step(state, trainer.global_batch(batch, trainer.batch_sharding(mesh)))
       losses.append(float(metrics["loss"]))
@@ -52,6 +62,26 @@ def test_three_mesh_shapes_give_the_same_loss_trajectory():
   assert trajectories[0][-1] < trajectories[0][0] - 0.3  # it learns
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_every_family_trains_the_same_on_eight_devices_as_on_one(family):
+  """data x fsdp x tensor = 2 x 2 x 2 (Llama's 2 K/V heads split over tensor=2) against a single device."""
+  model, batch = registry.build(FAMILY_CONFIGS[family]), _batch(packed=True)
+  one = _run((1, 1, 1), 8, batch, model=model)[1]
+  eight = _run((2, 2, 2), 8, batch, model=model)[1]
+  np.testing.assert_allclose(eight, one, atol=2e-5)
+  assert one[-1] < one[0] - 0.1  # it learns
+
+
+def test_grouped_kv_heads_that_do_not_divide_the_tensor_axis_are_refused_or_replicated():
+  """2 K/V heads on tensor=4: the default rules refuse with the fix; replicated K/V trains as one device does."""
+  model, batch = registry.build(FAMILY_CONFIGS["llama"]), _batch(packed=True)
+  with pytest.raises(ValueError, match=r"k_proj_kernel.*2 key/value heads \(grouped-query attention\) cannot be split 4 "
+                                       r"ways.*replicate_kv_heads"):
+    _run((1, 2, 4), 1, batch, model=model)
+  replicated = _run((1, 2, 4), 4, batch, model=model, rules=partitioning.replicate_kv_heads())[1]
+  np.testing.assert_allclose(replicated, _run((1, 1, 1), 4, batch, model=model)[1], atol=2e-5)
+
+
 def test_gradient_accumulation_4x2_equals_batch_of_8():
   batch = _batch(batch_size=8)
   whole, _, whole_metrics = _run((2, 1, 4), 3, batch, accumulation_steps=1)
@@ -62,7 +92,7 @@ def test_gradient_accumulation_4x2_equals_batch_of_8():
 
 
 def test_loss_and_accuracy_are_averages_over_target_tokens():
-  params = nn.unbox(bloom.init_params(MODEL, jax.random.key(1)))
+  params = nn.unbox(common.init_params(MODEL, jax.random.key(1)))
   batch = _batch(batch_size=2, length=6)
   total, sums = trainer.loss_sums(MODEL, params, batch)
   logits = MODEL.apply({"params": params}, batch["decoder_input_tokens"])
@@ -98,7 +128,7 @@ def test_learning_rate_schedules(decay, at_end):
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
-  params = nn.unbox(bloom.init_params(MODEL, jax.random.key(0)))
+  params = nn.unbox(common.init_params(MODEL, jax.random.key(0)))
   mask = trainer._decay_mask(params)
   assert mask["word_embeddings"] and mask["h"]["mlp"]["wi_kernel"] and mask["h"]["self_attention"]["qkv_kernel"]
   assert not mask["h"]["mlp"]["wi_bias"] and not mask["ln_f"]["scale"]
@@ -120,7 +150,7 @@ def test_train_state_is_created_sharded_and_can_start_from_given_params():
   optimizer = trainer.make_optimizer(trainer.OptimizerConfig())
   mesh = partitioning.make_mesh(1, 4, 2)
   shardings = trainer.state_shardings(MODEL, optimizer, mesh)
-  given = nn.unbox(bloom.init_params(MODEL, jax.random.key(7)))
+  given = nn.unbox(common.init_params(MODEL, jax.random.key(7)))
   state = trainer.init_train_state(MODEL, optimizer, jax.random.key(0), shardings, params=given)
   kernel = state.params["h"]["mlp"]["wi_kernel"]  # [layers, embed, mlp]
   assert kernel.addressable_shards[0].data.shape == (2, 32 // 4, 128 // 2)
@@ -130,10 +160,12 @@ def test_train_state_is_created_sharded_and_can_start_from_given_params():
   assert int(state.step) == 0
 
 
-def test_model_flops_per_token_is_six_times_the_parameters_plus_attention():
-  params = bloom.count_params(jax.eval_shape(functools.partial(bloom.init_params, MODEL), jax.random.key(0)))
-  layer_norms = 2 * CONFIG.hidden_size * (2 * CONFIG.num_layers + 2)  # not in the per-layer matmul count
-  flops = trainer.model_flops_per_token(CONFIG, sequence_length=16)
-  attention = 12 * CONFIG.num_layers * CONFIG.hidden_size * 16
-  assert flops - attention == pytest.approx(6 * params, rel=0.02)
-  assert flops - attention < 6 * (params + layer_norms)
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_model_flops_per_token_is_six_times_the_matmul_parameters_plus_attention(family):
+  config = FAMILY_CONFIGS[family]
+  params = common.count_params(jax.eval_shape(functools.partial(common.init_params, registry.build(config)),
+                                              jax.random.key(0)))
+  lookup = {"bloom": 0, "opt": (32 + 2) * 32, "llama": 64 * 32}[family]  # position table; Llama's untied embedding
+  flops = trainer.model_flops_per_token(config, sequence_length=16)
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * 16
+  assert flops == 6 * (params - lookup) + attention

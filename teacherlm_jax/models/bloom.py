@@ -5,7 +5,7 @@ Architecture (Le Scao et al., 2022; Hugging Face `BloomForCausalLM`):
   block: x + Dense(Attention(LN(x))), then x + MLP(LN(x)); attention with a fused QKV projection laid out per head
   as [heads, 3, head_dim] (BLOOM's layout), ALiBi biases instead of position embeddings, GeLU (tanh) MLP of 4x width.
 
-Shapes use: b = batch, l = length of this call, s = cache length, e = hidden_size, h = heads, d = head_dim,
+Shapes use (as `models.common`): b = batch, l = length of this call, e = hidden_size, h = heads, d = head_dim,
 m = mlp_dim, v = vocab_size, n = num_layers.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`); main activations are
@@ -19,6 +19,16 @@ logits as the unpadded one.
 Incremental decoding: `decode=True` writes this call's keys and values into a `cache` collection of length s (made
 by `init_cache`; keys and values head-major, [b, h, s, d]) at the running cache index, and attends to every valid
 cached slot, so one call can prefill a whole prompt and later calls add one token each.
+
+Hugging Face layout (`BloomForCausalLM`; torch Linear weights are [out, in]; the `transformer.` prefix is optional):
+  transformer.word_embeddings.weight [v, e]             -> word_embeddings [v, e]
+  transformer.word_embeddings_layernorm, h.n.input_layernorm, h.n.post_attention_layernorm, ln_f: {weight, bias}
+                                                        -> same names, {scale, bias}
+  transformer.h.n.self_attention.query_key_value.weight [3e, e] (per head: q, k, v) -> h/self_attention/qkv_kernel
+                                                           [e, h, 3, d]
+  transformer.h.n.self_attention.dense.weight [e, e]    -> h/self_attention/dense_kernel [h, d, e]
+  transformer.h.n.mlp.dense_h_to_4h.weight [4e, e]      -> h/mlp/wi_kernel [e, 4e]; dense_4h_to_h -> wo_kernel
+  lm_head.weight                                        -> (tied to word_embeddings; must equal it if present)
 """
 
 from __future__ import annotations
@@ -33,15 +43,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-Array = jax.Array
-NEG_INF = -1e30  # finite, so rows whose keys are all masked (pad queries) stay finite
+from teacherlm_jax.models import common
 
-REMAT_POLICIES = {
-    "full": None,  # recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-}
+Array = jax.Array
+HF_MODEL_TYPES = ("bloom",)
+HF_PREFIX = "transformer."
+LAYERS = "h"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +87,15 @@ class BloomConfig:
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+    common.check_runtime_fields(self)
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads
 
   @property
   def mlp_dim(self) -> int:
@@ -96,11 +106,7 @@ class BloomConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "BloomConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-      raise ValueError(f"unknown BloomConfig fields {sorted(unknown)}")
-    return cls(**values)
+    return common.config_from_dict(cls, values)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -119,63 +125,13 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return np.asarray(slopes, dtype=np.float32)
 
 
-def segment_positions(segment_ids: Array) -> Array:
-  """Position of each token inside its segment [b, l], counting from the segment's first token.
+def alibi_bias(slopes: Array, q_pos: Array, k_pos: Array, seen: Array) -> Array:
+  """ALiBi plus masking, float32 [b, h, q, k]: slope * (k_pos - q_pos) where `seen` [b, q, k], else -inf.
 
-  Works for left padding (pads get segment 0), right padding and packed rows alike.
+  This differs from BLOOM's slope * k_pos by a constant per query row, so the softmax is the same.
   """
-  length = segment_ids.shape[-1]
-  index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-  changed = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  start = jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
-  return index - start
-
-
-def attention_bias(q_pos: Array, k_pos: Array, q_seg: Array, k_seg: Array, q_slot: Array, k_slot: Array,
-                   slopes: Array) -> Array:
-  """ALiBi plus masking, float32 [b, h, q, k].
-
-  A query attends to keys of its own (non-zero) segment at the same or an earlier slot. ALiBi adds
-  slope * (k_pos - q_pos), which differs from BLOOM's slope * k_pos by a constant per query row, so the softmax
-  is the same.
-
-  Args:
-    q_pos, q_seg: [b, q] positions and segment ids of the queries; k_pos, k_seg: [b, k] of the keys.
-    q_slot: [q] and k_slot: [k] absolute indices in the sequence or cache, for causality.
-    slopes: [h] ALiBi slopes.
-  """
-  visible = ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-             & (k_slot[None, None, :] <= q_slot[None, :, None]))
   distance = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)
-  bias = slopes[None, :, None, None] * distance[:, None]
-  return jnp.where(visible[:, None], bias, NEG_INF)
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
-  """Softmax(q k^T / sqrt(d) + bias) v with the softmax in float32. q [b, q, h, d]; k, v [b, k, h, d] -> [b, q, h, d]."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(scores / np.sqrt(q.shape[-1]).astype(np.float32) + bias, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-
-
-def cached_dot_product_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
-  """`dot_product_attention` over a head-major cache: q [b, q, h, d]; k, v [b, h, k, d] -> [b, q, h, d]."""
-  scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(scores / np.sqrt(q.shape[-1]).astype(np.float32) + bias, axis=-1)
-  return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v.dtype), v)
-
-
-def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[Optional[str], ...],
-           dtype: str) -> Array:
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
-
-
-def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_epsilon, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+  return jnp.where(seen[:, None], slopes[None, :, None, None] * distance[:, None], common.NEG_INF)
 
 
 class Attention(nn.Module):
@@ -186,59 +142,13 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, decode: bool) -> Array:
     """x [b, l, e], positions/segment_ids [b, l] -> [b, l, e]."""
-    cfg = self.config
-    init = nn.initializers.normal(cfg.initializer_range)
-    e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    qkv_kernel = _param(self, "qkv_kernel", init, (e, h, 3, d), ("embed", "heads", None, "kv"), cfg.param_dtype)
-    qkv_bias = _param(self, "qkv_bias", nn.initializers.zeros, (h, 3, d), ("heads", None, "kv"), cfg.param_dtype)
-    qkv = jnp.einsum("ble,ehtd->blhtd", x, qkv_kernel.astype(cfg.dtype)) + qkv_bias.astype(cfg.dtype)
+    e, h, d = self.config.hidden_size, self.config.num_heads, self.config.head_dim
+    qkv = common.dense(self, x, "qkv", (e, h, 3, d), ("embed", "heads", None, "kv"), "ble,ehtd->blhtd", bias=True)
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", "heads", None, "kv"))
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-
-    slopes = jnp.asarray(alibi_slopes(h))
-    if decode:
-      k, v, k_pos, k_seg, q_slot = self._update_cache(k, v, positions, segment_ids)
-      bias = attention_bias(positions, k_pos, segment_ids, k_seg, q_slot, jnp.arange(k.shape[2], dtype=jnp.int32),
-                            slopes)
-      out = cached_dot_product_attention(q, k, v, bias)
-    else:
-      slots = jnp.arange(x.shape[1], dtype=jnp.int32)
-      bias = attention_bias(positions, positions, segment_ids, segment_ids, slots, slots, slopes)
-      out = dot_product_attention(q, k, v, bias)
-    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-
-    dense_kernel = _param(self, "dense_kernel", init, (h, d, e), ("heads", "kv", "embed"), cfg.param_dtype)
-    dense_bias = _param(self, "dense_bias", nn.initializers.zeros, (e,), ("embed",), cfg.param_dtype)
-    return jnp.einsum("blhd,hde->ble", out, dense_kernel.astype(cfg.dtype)) + dense_bias.astype(cfg.dtype)
-
-  def _update_cache(self, k: Array, v: Array, positions: Array, segment_ids: Array):
-    """Writes this call's l keys/values [b, l, h, d] at the cache index.
-
-    The cache keeps keys and values head-major, [b, h, s, d], so that a decoding step's attention is a batched
-    matmul over (b, h) that reads the cache in place (no transposed copy of it per step).
-
-    Returns:
-      keys and values [b, h, s, d], positions and segment ids [b, s] of the whole cache, and the query slots [l].
-    """
-    b, l, h, d = k.shape
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    cached_key = self.variable("cache", "key", jnp.zeros, (b, h, l, d), k.dtype)
-    cached_value = self.variable("cache", "value", jnp.zeros, (b, h, l, d), v.dtype)
-    cached_pos = self.variable("cache", "positions", jnp.zeros, (b, l), jnp.int32)
-    cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (b, l), jnp.int32)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    if self.is_initializing():  # init only sizes the cache: its length is the length of the init input
-      return k, v, positions, segment_ids, jnp.arange(l, dtype=jnp.int32)
-    i = index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, 0, i, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, v.astype(cached_value.value.dtype), (0, 0, i, 0))
-    cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value, positions.astype(jnp.int32), (0, i))
-    cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
-    index.value = i + l
-    key = nn.with_logical_constraint(cached_key.value, ("batch", "heads", "length", "kv"))
-    value = nn.with_logical_constraint(cached_value.value, ("batch", "heads", "length", "kv"))
-    return key, value, cached_pos.value, cached_seg.value, i + jnp.arange(l, dtype=jnp.int32)
+    bias_fn = lambda q_pos, k_pos, seen: alibi_bias(jnp.asarray(alibi_slopes(h)), q_pos, k_pos, seen)  # noqa: E731
+    out = common.self_attention(self, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], positions, segment_ids,
+                                decode, bias_fn)
+    return common.dense(self, out, "dense", (h, d, e), ("heads", "kv", "embed"), "blhd,hde->ble", bias=True)
 
 
 class Mlp(nn.Module):
@@ -248,15 +158,11 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg = self.config
-    init = nn.initializers.normal(cfg.initializer_range)
-    wi = _param(self, "wi_kernel", init, (cfg.hidden_size, cfg.mlp_dim), ("embed", "mlp"), cfg.param_dtype)
-    wi_bias = _param(self, "wi_bias", nn.initializers.zeros, (cfg.mlp_dim,), ("mlp",), cfg.param_dtype)
-    wo = _param(self, "wo_kernel", init, (cfg.mlp_dim, cfg.hidden_size), ("mlp", "embed"), cfg.param_dtype)
-    wo_bias = _param(self, "wo_bias", nn.initializers.zeros, (cfg.hidden_size,), ("embed",), cfg.param_dtype)
-    hidden = jax.nn.gelu(x @ wi.astype(cfg.dtype) + wi_bias.astype(cfg.dtype), approximate=True)
+    e, m = self.config.hidden_size, self.config.mlp_dim
+    hidden = jax.nn.gelu(common.dense(self, x, "wi", (e, m), ("embed", "mlp"), "ble,em->blm", bias=True),
+                         approximate=True)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    return hidden @ wo.astype(cfg.dtype) + wo_bias.astype(cfg.dtype)
+    return common.dense(self, hidden, "wo", (m, e), ("mlp", "embed"), "blm,me->ble", bias=True)
 
 
 class Block(nn.Module):
@@ -266,24 +172,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, decode: bool):
-    cfg = self.config
-    attn_in = _layer_norm(cfg, "input_layernorm")(x)
+    cfg, eps = self.config, self.config.layer_norm_epsilon
+    attn_in = common.layer_norm(cfg, "input_layernorm", eps)(x)
     x = x + Attention(cfg, name="self_attention")(attn_in, positions, segment_ids, decode)
-    x = x + Mlp(cfg, name="mlp")(_layer_norm(cfg, "post_attention_layernorm")(x))
+    x = x + Mlp(cfg, name="mlp")(common.layer_norm(cfg, "post_attention_layernorm", eps)(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
-
-
-def _block_class(config: BloomConfig):
-  """Block, wrapped in `nn.remat` (with the configured policy) and `nn.scan` as the config asks."""
-  block = Block
-  if config.remat_policy != "none":
-    block = nn.remat(block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers,
-                     static_argnums=(4,))
-  if config.scan_layers:
-    block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.num_layers,
-                    unroll=config.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
-  return block
 
 
 class Bloom(nn.Module):
@@ -311,84 +204,100 @@ class Bloom(nn.Module):
       last_only: compute the logits of the last position only (a prefill of left-padded prompts needs no more):
         the LM head, a large part of a small model's forward, then runs on one position per row.
       hidden_only: return the final hidden states (after `ln_f`) instead of logits, for a caller that applies the
-        LM head itself (`lm_head`; decoding does, with the embedding transposed once outside its loop).
+        LM head itself (`common.lm_head` with `head_kernel(params)`; decoding does, once outside its loop).
 
     Returns:
       logits [b, l, v] (or [b, 1, v] with last_only) in `config.logits_dtype`; with hidden_only, hidden states
       [b, l, e] (or [b, 1, e]) in `config.dtype`.
     """
     cfg = self.config
-    if segment_ids is None:
-      segment_ids = jnp.ones_like(input_ids, jnp.int32) if attention_mask is None else attention_mask
-    segment_ids = segment_ids.astype(jnp.int32)
-    if positions is None:
-      positions = self._default_positions(segment_ids, decode)
-
-    embedding = _param(self, "word_embeddings", nn.initializers.normal(cfg.initializer_range),
-                       (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-    x = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-    x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
+    segment_ids, positions = common.sequence_layout(self, input_ids, attention_mask, segment_ids, positions, decode)
+    x, embedding = common.embed(self, input_ids, "word_embeddings", cfg.vocab_size, cfg.hidden_size)
+    x = common.layer_norm(cfg, "word_embeddings_layernorm", cfg.layer_norm_epsilon)(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-    block = _block_class(cfg)
-    if cfg.scan_layers:
-      x, _ = block(cfg, name="h")(x, positions, segment_ids, decode)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f"h_{i}")(x, positions, segment_ids, decode)
-
+    x = common.stack_layers(self, Block, cfg, LAYERS, x, positions, segment_ids, decode)
     if last_only:
       x = x[:, -1:]
-    x = _layer_norm(cfg, "ln_f")(x)
+    x = common.layer_norm(cfg, "ln_f", cfg.layer_norm_epsilon)(x)
     if hidden_only:
       return x
-    return lm_head(cfg, x, embedding.T)
-
-  def _default_positions(self, segment_ids: Array, decode: bool) -> Array:
-    """Positions within segments; when decoding, offset by the valid tokens already cached for each row."""
-    if not decode:
-      return segment_positions(segment_ids)
-    valid = (segment_ids != 0).astype(jnp.int32)
-    prior = self.variable("cache", "valid_count", jnp.zeros, segment_ids.shape[:1], jnp.int32)
-    positions = jnp.maximum(prior.value[:, None] + jnp.cumsum(valid, axis=1) - 1, 0)
-    if not self.is_initializing():
-      prior.value = prior.value + valid.sum(axis=1)
-    return positions
+    return common.lm_head(cfg, x, embedding.T)
 
 
-def lm_head(config: BloomConfig, hidden: Array, head_kernel: Array) -> Array:
-  """Logits [b, l, v] (in `config.logits_dtype`) of hidden states [b, l, e]; head_kernel [e, v] is the transposed
-  word embedding matrix (the head is tied)."""
-  logits = jnp.einsum("ble,ev->blv", hidden, head_kernel.astype(config.dtype), preferred_element_type=jnp.float32)
-  logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-  return logits.astype(config.logits_dtype)
+def head_kernel(config: BloomConfig, params: dict) -> Array:
+  """The LM head's kernel [e, v]: the transposed word embeddings (BLOOM ties them)."""
+  del config
+  return jnp.transpose(params["word_embeddings"])
 
 
-def init_params(model: Bloom, rng: Array, batch_size: int = 1, length: int = 8) -> dict:
-  """Freshly initialised params (boxed with logical axis metadata; `nn.unbox` them for plain arrays)."""
-  tokens = jnp.zeros((batch_size, length), jnp.int32)
-  return model.init(rng, tokens)["params"]
+def lookup_params(config: BloomConfig) -> int:
+  """Params only indexed, never multiplied: none (the embedding is also the LM head)."""
+  del config
+  return 0
 
 
-def init_cache(model: Bloom, batch_size: int, max_length: int) -> dict:
-  """An empty KV cache for `batch_size` rows of up to `max_length` tokens (shapes only: no params are computed)."""
-  tokens = jnp.zeros((batch_size, max_length), jnp.int32)
-  shapes = jax.eval_shape(functools.partial(model.init, decode=True), jax.random.key(0), tokens)["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
+# ----------------------------------------------------------------------------------------------- Hugging Face
 
 
-def count_params(params: Any) -> int:
-  """Number of scalar parameters in a (possibly boxed or abstract) params tree."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(params)))
+def config_from_hf(hf_config: dict, **overrides: Any) -> BloomConfig:
+  """BloomConfig with the dimensions of an HF config (accepting BLOOM's older key names) plus `overrides`."""
+  if hf_config.get("apply_residual_connection_post_layernorm"):
+    raise ValueError("apply_residual_connection_post_layernorm=true is not supported")
+  get = functools.partial(common.hf_field, hf_config)
+  return BloomConfig(
+      vocab_size=int(get("vocab_size")), hidden_size=int(get("n_embed", "hidden_size")),
+      num_layers=int(get("n_layer", "num_hidden_layers")), num_heads=int(get("n_head", "num_attention_heads")),
+      layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
+      initializer_range=float(hf_config.get("initializer_range", 0.02)), **overrides)
 
 
-def relayout_layers(params: dict, num_layers: int, *, scan_layers: bool) -> dict:
-  """Converts params between the scanned layout (`h`, leaves [n, ...]) and the per-layer one (`h_0`...`h_{n-1}`)."""
-  params = dict(params)
-  if scan_layers and "h" not in params:
-    layers = [params.pop(f"h_{i}") for i in range(num_layers)]
-    params["h"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
-  elif not scan_layers and "h" in params:
-    stacked = params.pop("h")
-    params.update({f"h_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers)})
-  return params
+def hf_config(config: BloomConfig, dtype: str, base: Optional[dict] = None) -> dict:
+  """An HF `config.json` dict for `config`, keeping the other fields (token ids, ...) of `base` when given."""
+  result = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "unk_token_id": 0,
+                         "hidden_dropout": 0.0, "attention_dropout": 0.0, "use_cache": True,
+                         "pretraining_tp": 1, "slow_but_exact": False})
+  for old_key in ("n_embed", "num_attention_heads", "num_hidden_layers", "torch_dtype", "transformers_version"):
+    result.pop(old_key, None)
+  result.update(
+      architectures=["BloomForCausalLM"], model_type="bloom", vocab_size=config.vocab_size,
+      hidden_size=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
+      layer_norm_epsilon=config.layer_norm_epsilon, initializer_range=config.initializer_range,
+      apply_residual_connection_post_layernorm=False, tie_word_embeddings=True, dtype=dtype)
+  return result
+
+
+def tensor_mappings(config: BloomConfig) -> dict[str, common.TensorMapping]:
+  """Every HF tensor name of a BLOOM model (with the `transformer.` prefix) -> its mapping."""
+  e, h, d, v, m = config.hidden_size, config.num_heads, config.head_dim, config.vocab_size, config.mlp_dim
+  same, t = common.identity, common.transpose
+  mappings = {"transformer.word_embeddings.weight": common.TensorMapping(("word_embeddings",), None, (v, e), same,
+                                                                         same)}
+  for name in ("word_embeddings_layernorm", "ln_f"):
+    mappings[f"transformer.{name}.weight"] = common.TensorMapping((name, "scale"), None, (e,), same, same)
+    mappings[f"transformer.{name}.bias"] = common.TensorMapping((name, "bias"), None, (e,), same, same)
+  per_layer = {
+      "input_layernorm.weight": (("input_layernorm", "scale"), (e,), same, same),
+      "input_layernorm.bias": (("input_layernorm", "bias"), (e,), same, same),
+      "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), (e,), same, same),
+      "post_attention_layernorm.bias": (("post_attention_layernorm", "bias"), (e,), same, same),
+      "self_attention.query_key_value.weight": (
+          ("self_attention", "qkv_kernel"), (3 * e, e), lambda x: x.T.reshape(e, h, 3, d),
+          lambda x: x.reshape(e, 3 * e).T),
+      "self_attention.query_key_value.bias": (
+          ("self_attention", "qkv_bias"), (3 * e,), lambda x: x.reshape(h, 3, d), lambda x: x.reshape(3 * e)),
+      "self_attention.dense.weight": (
+          ("self_attention", "dense_kernel"), (e, e), lambda x: x.T.reshape(h, d, e), lambda x: x.reshape(e, e).T),
+      "self_attention.dense.bias": (("self_attention", "dense_bias"), (e,), same, same),
+      "mlp.dense_h_to_4h.weight": (("mlp", "wi_kernel"), (m, e), t, t),
+      "mlp.dense_h_to_4h.bias": (("mlp", "wi_bias"), (m,), same, same),
+      "mlp.dense_4h_to_h.weight": (("mlp", "wo_kernel"), (e, m), t, t),
+      "mlp.dense_4h_to_h.bias": (("mlp", "wo_bias"), (e,), same, same),
+  }
+  mappings.update(common.layer_mappings(config, LAYERS, "transformer.h", per_layer))
+  return mappings
+
+
+def tied_head(config: BloomConfig) -> Optional[tuple[str, tuple[str, ...]]]:
+  """(HF name of the LM head, params path of the embeddings it equals): BLOOM always ties them."""
+  del config
+  return "lm_head.weight", ("word_embeddings",)
