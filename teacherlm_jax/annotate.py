@@ -43,7 +43,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tasks import formats, rendering
-from teacherlm_jax import annotation_inputs, annotation_store, checkpoints, convert, decoding, partitioning, train
+from teacherlm_jax import (annotation_inputs, annotation_store, checkpoints, convert, decoding, partitioning, train,
+                           vocabularies)
 
 TOO_LONG_POLICIES = ("truncate_left", "reject")
 log = train.log
@@ -161,12 +162,13 @@ def prepare_chunk(items: Sequence[annotation_inputs.Item], teacher: str, config:
     try:
       if isinstance(record, formats.BadRecord):
         raise record
-      ids = vocabulary.encode(annotation_inputs.sample(config.input, location, record).prompt(teacher))
+      prompt = annotation_inputs.sample(config.input, location, record).prompt(teacher)
+      ids = vocabularies.encode_prompt(vocabulary, prompt)
       cut = max(len(ids) - config.max_input_length, 0)
       if cut and config.too_long == "reject":
         raise formats.BadRecord(location, None, f"the {teacher} prompt has {len(ids)} tokens, more than "
                                                 f"max_input_length {config.max_input_length} (too_long='reject')")
-      rows.append((index, ids[cut:], cut))
+      rows.append((index, vocabularies.keep_last(vocabulary, ids, config.max_input_length), cut))
     except formats.BadRecord as error:
       rejects.append({"index": index, "rejected": error.as_json()})
   return rejects, rows

@@ -126,14 +126,18 @@ def _check_same_model(path: str, stored: Any, wanted: Any) -> None:
 
 
 def save_vocabulary(path: str, vocabulary: seqio.Vocabulary) -> None:
-  """Records the vocabulary in `path/vocabulary.json` (copying the tokenizer file of a Hugging Face tokenizer)."""
+  """Records the vocabulary in `path/vocabulary.json` (copying the tokenizer file of a Hugging Face tokenizer, and
+  the tokenizer_config.json beside it, which names its BOS / EOS)."""
   vocabulary = getattr(vocabulary, "resolved", vocabulary)  # tasks.registration.ConfiguredVocabulary
   if isinstance(vocabulary, seqio.ByteVocabulary):
     spec = {"kind": "byte"}
   elif isinstance(vocabulary, vocabularies.HfTokenizerVocabulary):
-    target = epath.Path(path) / "tokenizer.json"
-    if not target.exists():
-      target.write_bytes(epath.Path(vocabulary.tokenizer_path).read_bytes())
+    source = epath.Path(vocabulary.tokenizer_path)
+    for source_file, name in ((source, "tokenizer.json"),
+                              (source.parent / vocabularies.TOKENIZER_CONFIG, vocabularies.TOKENIZER_CONFIG)):
+      target = epath.Path(path) / name
+      if source_file.exists() and not target.exists():
+        target.write_bytes(source_file.read_bytes())
     spec = {"kind": "hf_tokenizer", "file": "tokenizer.json"}
   else:
     raise ValueError(f"cannot record vocabulary {vocabulary!r}: only byte and Hugging Face tokenizer vocabularies")

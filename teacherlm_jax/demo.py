@@ -142,8 +142,8 @@ def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   model, params = registry.build(config), checkpoints.load_params(str(ckpt))
   vocabulary = vocabularies.HfTokenizerVocabulary(str(ckpt / "tokenizer.json"))
 
-  scores = sequence_log_likelihoods(model, params, [vocabulary.encode(s) for s in SENTENCES])
-  prompt_ids = vocabulary.encode(PROMPT)
+  scores = sequence_log_likelihoods(model, params, [vocabularies.encode_prompt(vocabulary, s) for s in SENTENCES])
+  prompt_ids = vocabularies.encode_prompt(vocabulary, PROMPT)
   continuation = greedy_continuation(model, params, prompt_ids, new_tokens=12)
   convert.export_hf(str(ckpt), str(export))
   reimported = convert.import_hf_params(str(export), config)

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, convert, partitioning, train, train_checkpoints, trainer
+from teacherlm_jax import checkpoints, convert, partitioning, train, train_checkpoints, trainer, vocabularies
 
 log = train.log
 SIDES = ("chosen", "rejected")
@@ -96,8 +96,8 @@ def jit_dpo_step(model: nn.Module, optimizer: optax.GradientTransformation, beta
 
 def encode_pair(row: dict, vocabulary: seqio.Vocabulary, length: int) -> dict[str, np.ndarray]:
   """One pair as right-padded int32 rows [length]: prompt + response + EOS, weights on response and EOS; an
-  over-long sequence keeps its last tokens."""
-  prompt = vocabulary.encode(row["prompt"])
+  over-long sequence keeps its last tokens. The prompt starts with BOS where the model's family prepends one."""
+  prompt = vocabularies.encode_prompt(vocabulary, row["prompt"])
   features = {}
   for side in SIDES:
     response = vocabulary.encode(row[side]) + [vocabulary.eos_id]

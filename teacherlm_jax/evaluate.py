@@ -38,7 +38,7 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, convert, decoding, partitioning, train
+from teacherlm_jax import checkpoints, convert, decoding, partitioning, train, vocabularies
 from teacherlm_jax.models import common
 
 log = train.log
@@ -153,7 +153,7 @@ def score_examples(examples: Sequence[EvalExample], scorer, vocabulary: seqio.Vo
                    max_length: int, desc: str = "score", row_multiple: int = 1) -> list[np.ndarray]:
   """Each example's option log-likelihoods (in the order of `examples`); `row_multiple` is the data-parallel mesh
   size (a partial batch is padded to a multiple of it)."""
-  contexts = [vocabulary.encode(example.context)[-max_length:] for example in examples]
+  contexts = [vocabularies.encode_prompt(vocabulary, example.context, max_length) for example in examples]
   options = [[vocabulary.encode(option) for option in example.options] for example in examples]
   if any(not ids for row in options for ids in row):
     raise ValueError(f"{desc}: an option encodes to no tokens")

@@ -1,4 +1,4 @@
-"""Feature conversion for BLOOM: decoder-only, inputs and targets concatenated, loss on targets, packing."""
+"""Feature conversion for decoder-only models: inputs and targets concatenated, loss on targets, packing."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ EXAMPLE_HASH = "example_hash"
 
 
 class CausalLMFeatureConverter(seqio.FeatureConverter):
-  """Each example becomes `inputs + targets` (targets end with EOS), read causally by BLOOM.
+  """Each example becomes `inputs + targets` (targets end with EOS), read causally by the model.
 
   Model features, each int32 [batch, length] with length = inputs length + targets length:
-    decoder_input_tokens    the sequence shifted right (0 first, and at the start of every packed example)
+    decoder_input_tokens    the sequence shifted right, `bos_id` first (and at the start of every packed example): the
+                            vocabulary's BOS for a family whose tokenizer prepends one (OPT, Llama, Mistral), else 0
     decoder_target_tokens   the sequence
     decoder_loss_weights    1 on targets (on every token with loss_on_targets_only=False), 0 on padding
     decoder_segment_ids, decoder_positions   (packing only) which example a token belongs to, and where in it
@@ -45,24 +46,27 @@ class CausalLMFeatureConverter(seqio.FeatureConverter):
 
   def _concatenate(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     inputs, targets = features["inputs"], features["targets"]
-    # 1 = input token, 2 = target token: seqio's packing treats 0 as padding, so no real position may be 0.
+    # 1 = input token, 2 = target token: seqio's packing treats 0 as padding (it measures an example by its non-zero
+    # values), so no real position may be 0. Id 0 is an ordinary token in some vocabularies (Llama 3, Qwen2): tokens
+    # are packed as id + 1 and shifted back after, and segments come from the roles.
     input_roles = tf.ones_like(inputs) if self._loss_on_targets_only else tf.fill(tf.shape(inputs), 2)
-    concatenated = {"tokens": tf.concat([inputs, targets], axis=0),
+    concatenated = {"tokens": tf.concat([inputs, targets], axis=0) + 1,
                     "roles": tf.concat([input_roles, tf.fill(tf.shape(targets), 2)], axis=0)}
     if self._with_example_hash:
       concatenated[EXAMPLE_HASH] = features[EXAMPLE_HASH]
     return concatenated
 
   def _to_model_features(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    tokens = features["tokens"]
-    segment_ids = features.get("tokens_segment_ids")
+    real = features["roles"] != 0
+    tokens = tf.where(real, features["tokens"] - 1, 0)
+    segment_ids = features.get("roles_segment_ids")
+    inputs = seqio.utils.make_autoregressive_inputs(tokens, sequence_id=segment_ids, bos_id=self.bos_id)
     model = {"decoder_target_tokens": tokens,
-             "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(tokens, sequence_id=segment_ids,
-                                                                            bos_id=self.bos_id),
+             "decoder_input_tokens": tf.where(real, inputs, 0),
              "decoder_loss_weights": tf.cast(features["roles"] == 2, tf.int32)}
     if self.pack:
       model["decoder_segment_ids"] = segment_ids
-      model["decoder_positions"] = features["tokens_positions"]
+      model["decoder_positions"] = features["roles_positions"]
     if self._with_example_hash:
       model[EXAMPLE_HASH] = features[EXAMPLE_HASH]
     return model

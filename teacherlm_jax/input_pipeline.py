@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import tasks
 from tasks import config as task_config
-from teacherlm_jax import data_sources, feature_converters
+from teacherlm_jax import data_sources, feature_converters, vocabularies
 
 EXAMPLE_HASH = feature_converters.EXAMPLE_HASH
 
@@ -66,9 +66,12 @@ class DataConfig:
 
 
 def converter(config: DataConfig) -> feature_converters.CausalLMFeatureConverter:
+  """The feature converter of the run; examples start with BOS where the tasks' vocabulary prepends one."""
+  vocabulary = seqio.get_mixture_or_task(config.mixture_or_task_name).output_features["targets"].vocabulary
+  bos = vocabularies.bos_to_prepend(vocabulary)
   return feature_converters.CausalLMFeatureConverter(
       pack=config.pack, loss_on_targets_only=config.loss_on_targets_only, with_example_hash=True,
-      keep_last_tokens=config.keep_last_tokens)
+      keep_last_tokens=config.keep_last_tokens, bos_id=0 if bos is None else bos)
 
 
 def shard_range(config: DataConfig, process_index: int, process_count: int) -> tuple[range, int]:

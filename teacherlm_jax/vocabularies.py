@@ -1,7 +1,10 @@
 """seqio vocabularies: Hugging Face `tokenizer.json` and ByT5 bytes."""
 
+import dataclasses
 import hashlib
 import itertools
+import json
+import posixpath
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -14,6 +17,7 @@ UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 _LOAD_LOCK = threading.Lock()
 
@@ -38,16 +42,68 @@ def _parse_tokenizer(path: str, raw: bytes) -> tokenizers.Tokenizer:
     tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
   except Exception as e:  # tokenizers raises a bare Exception on bad input.
     raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-  if tokenizer.token_to_id(EOS_TOKEN) is None:
-    raise ValueError(f"{path} has no {EOS_TOKEN} token")
-  pad = tokenizer.get_added_tokens_decoder().get(seqio.vocabularies.PAD_ID)
-  if pad is None or not pad.special:
-    raise ValueError(
-        f"{path}: id {seqio.vocabularies.PAD_ID} must be a special token, "
-        "since seqio pads (and masks the loss) with it")
   # Treat "</s>" etc. occurring in raw text as text, like SentencePiece does.
   tokenizer.encode_special_tokens = True
   return tokenizer
+
+
+def _read_tokenizer_config(tokenizer_path: str) -> dict:
+  """`tokenizer_config.json` beside the tokenizer file ({} if there is none)."""
+  path = posixpath.join(posixpath.dirname(tokenizer_path), TOKENIZER_CONFIG)
+  if not tf.io.gfile.exists(path):
+    return {}
+  try:
+    config = json.loads(_read_bytes(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from e
+  return {key: _token_content(value) for key, value in config.items()}
+
+
+def _token_content(value: Any) -> Any:
+  """A tokenizer_config token entry: a string, or (older files) {"content": ...}."""
+  return value["content"] if isinstance(value, dict) and "content" in value else value
+
+
+def _template_bos(tokenizer_json: dict) -> Optional[str]:
+  """The special token a `TemplateProcessing` post-processor puts before a single sequence (Llama 3's
+  "<|begin_of_text|> $A"), or None."""
+  processor = tokenizer_json.get("post_processor") or {}
+  processors = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+  for step in processors:
+    if step.get("type") == "TemplateProcessing" and step.get("single"):
+      first = step["single"][0]
+      if "SpecialToken" in first:
+        return first["SpecialToken"]["id"]
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  """What a tokenizer's files say about BOS and EOS: the tokens and whether encoding a prompt prepends BOS."""
+
+  bos: Optional[str]
+  eos: str
+  add_bos: bool
+
+
+def special_tokens(path: str, raw: bytes, tokenizer: tokenizers.Tokenizer) -> SpecialTokens:
+  """BOS / EOS of a tokenizer, as Hugging Face reads its files.
+
+  EOS and BOS: `eos_token` / `bos_token` of tokenizer_config.json beside it (Llama 3: <|end_of_text|>,
+  <|begin_of_text|>; Qwen2: <|endoftext|> and no BOS), else "</s>" / "<s>". BOS is prepended when tokenizer.json's
+  post-processor is a template starting with a special token (what `transformers` applies: Llama 3, Mistral, OPT),
+  else when tokenizer_config.json says `add_bos_token: true`, else not (BLOOM, Qwen2).
+  """
+  config = _read_tokenizer_config(path)
+  eos = config.get("eos_token") or EOS_TOKEN
+  if tokenizer.token_to_id(eos) is None:
+    raise ValueError(f"{path} has no EOS token {eos!r}: set eos_token in the {TOKENIZER_CONFIG} beside it")
+  bos = config["bos_token"] if "bos_token" in config else BOS_TOKEN
+  template = _template_bos(json.loads(raw.decode("utf-8")))
+  if template is not None:
+    return SpecialTokens(template, eos, True)
+  bos = bos if bos is not None and tokenizer.token_to_id(bos) is not None else None
+  return SpecialTokens(bos, eos, bool(config.get("add_bos_token")) and bos is not None)
 
 
 def _num_elements(s: tf.Tensor, start: int,
@@ -64,14 +120,17 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 
   Ids are the tokenizer's own ids: for BLOOM `<unk>`=0, `<s>`=1, `</s>`=2,
   `<pad>`=3. `extra_ids` reserves unnamed ids [base, base + extra_ids) that are
-  never produced by encoding and are dropped when decoding.
+  never produced by encoding and are dropped when decoding. BOS and EOS are the
+  ones the tokenizer's files name (`special_tokens`), and `add_bos` says whether
+  the family prepends BOS to a prompt (OPT, Llama 3, Mistral: yes; BLOOM,
+  Qwen2: no); `encode_prompt` does, and training's feature converter starts
+  every example with it (`bos_to_prepend`).
 
   Padding: `pad_id` is seqio's `PAD_ID` = 0, not the tokenizer's `<pad>` id
-  (exposed as `tokenizer_pad_id`). seqio's `trim_and_pad_dataset` pads with 0
-  and its feature converters take `loss_weights = targets != 0` regardless of
-  the vocabulary, so any other choice would be silently ignored. This is safe
-  because id 0 is required to be a special token (`<unk>` for BLOOM), which
-  byte-level BPE never emits, and which decoding skips.
+  (exposed as `tokenizer_pad_id`): seqio's `trim_and_pad_dataset` pads with 0.
+  Id 0 may be an ordinary token (Llama 3 and Qwen2's "!"): our feature
+  converter takes loss weights and packed segments from each token's role,
+  not from its id, and decoding and scoring carry explicit masks.
 
   Encoding adds no special tokens (seqio's `append_eos` adds EOS) and treats
   special-token strings in the text as plain text. Decoding stops at the first
@@ -88,12 +147,14 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     self._tokenizer_path = tokenizer_path
     self._tokenizer: Optional[tokenizers.Tokenizer] = None
     self._sha256: Optional[str] = None
+    self._special: Optional[SpecialTokens] = None
     super().__init__(extra_ids=extra_ids)
 
   def __getstate__(self) -> Dict[str, Any]:
     state = self.__dict__.copy()
     state["_tokenizer"] = None
     state["_sha256"] = None
+    state["_special"] = None
     return state
 
   def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -106,8 +167,10 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     with _LOAD_LOCK:
       if self._tokenizer is None:
         raw = _read_bytes(self._tokenizer_path)
+        tokenizer = _parse_tokenizer(self._tokenizer_path, raw)
+        self._special = special_tokens(self._tokenizer_path, raw, tokenizer)
         self._sha256 = hashlib.sha256(raw).hexdigest()
-        self._tokenizer = _parse_tokenizer(self._tokenizer_path, raw)
+        self._tokenizer = tokenizer
 
   @property
   def tokenizer(self) -> tokenizers.Tokenizer:
@@ -126,12 +189,22 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     return self._sha256
 
   @property
+  def special(self) -> SpecialTokens:
+    self.load()
+    return self._special
+
+  @property
   def bos_id(self) -> Optional[int]:
-    return self.tokenizer.token_to_id(BOS_TOKEN)
+    return None if self.special.bos is None else self.tokenizer.token_to_id(self.special.bos)
 
   @property
   def eos_id(self) -> Optional[int]:
-    return self.tokenizer.token_to_id(EOS_TOKEN)
+    return self.tokenizer.token_to_id(self.special.eos)
+
+  @property
+  def add_bos(self) -> bool:
+    """Whether a prompt starts with BOS for this tokenizer's family (see `special_tokens`)."""
+    return self.special.add_bos
 
   @property
   def unk_id(self) -> Optional[int]:
@@ -237,6 +310,27 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
             f"extra_ids={self.extra_ids})")
 
   __repr__ = __str__
+
+
+def bos_to_prepend(vocabulary: seqio.Vocabulary) -> Optional[int]:
+  """The BOS id a prompt (and a training example) starts with for this vocabulary's family, or None."""
+  vocabulary = getattr(vocabulary, "resolved", vocabulary)  # tasks.registration.ConfiguredVocabulary
+  return vocabulary.bos_id if getattr(vocabulary, "add_bos", False) else None
+
+
+def encode_prompt(vocabulary: seqio.Vocabulary, text: str, max_length: Optional[int] = None) -> List[int]:
+  """Token ids of a prompt or context as the model's family reads it: BOS first where the tokenizer prepends one,
+  then the text's tokens (see `keep_last` for `max_length`)."""
+  bos = bos_to_prepend(vocabulary)
+  ids = ([] if bos is None else [bos]) + list(vocabulary.encode(text))
+  return ids if max_length is None else keep_last(vocabulary, ids, max_length)
+
+
+def keep_last(vocabulary: seqio.Vocabulary, ids: Sequence[int], max_length: int) -> List[int]:
+  """`encode_prompt` ids cut to `max_length`: the last tokens, after the BOS the family prepends (kept)."""
+  prefix = 1 if bos_to_prepend(vocabulary) is not None and ids else 0
+  keep, rest = max(max_length - prefix, 0), list(ids[prefix:])
+  return list(ids[:prefix]) + (rest[-keep:] if keep else [])
 
 
 def byte_vocabulary() -> seqio.ByteVocabulary:

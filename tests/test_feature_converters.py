@@ -25,6 +25,18 @@ def test_packed_examples_with_loss_on_targets_only():
   np.testing.assert_array_equal(row["decoder_positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 0])
 
 
+def test_id_zero_tokens_and_bos_for_families_that_prepend_it():
+  """Id 0 is an ordinary token in Llama 3 / Qwen2 vocabularies: packing takes segments from the roles, so it stays in
+  its example; with bos_id every example's first input is BOS (OPT, Llama and Mistral prepend one)."""
+  examples = [{"inputs": [7, 0, 5], "targets": [0, 9, 1]}, {"inputs": [0], "targets": [4, 1]}]
+  (row,) = _convert(examples, {"inputs": 5, "targets": 5}, pack=True, bos_id=509)
+  np.testing.assert_array_equal(row["decoder_target_tokens"], [7, 0, 5, 0, 9, 1, 0, 4, 1, 0])
+  np.testing.assert_array_equal(row["decoder_input_tokens"], [509, 7, 0, 5, 0, 9, 509, 0, 4, 0])
+  np.testing.assert_array_equal(row["decoder_segment_ids"], [1, 1, 1, 1, 1, 1, 2, 2, 2, 0])
+  np.testing.assert_array_equal(row["decoder_positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0])
+  np.testing.assert_array_equal(row["decoder_loss_weights"], [0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
+
+
 def test_unpacked_loss_on_the_whole_sequence():
   examples = [{"inputs": [7, 8], "targets": [3, 1]}]
   (row,) = _convert(examples, {"inputs": 3, "targets": 3}, pack=False, loss_on_targets_only=False)

@@ -15,6 +15,8 @@ from tokenizers import processors
 from teacherlm_jax import vocabularies
 from teacherlm_jax.vocabularies import HfTokenizerVocabulary
 
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tokenizer"
 TOKENIZER_JSON = str(FIXTURE / "tokenizer.json")
 
@@ -296,8 +298,7 @@ def test_invalid_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("vocab_map,message", [
-    ({"a": 0, "</s>": 1, "<unk>": 2}, "id 0 must be a special token"),
-    ({"<unk>": 0, "a": 1}, "has no </s> token"),
+    ({"<unk>": 0, "a": 1}, "has no EOS token '</s>': set eos_token in the tokenizer_config.json beside it"),
 ])
 def test_rejects_tokenizer_unusable_with_seqio(tmp_path, vocab_map, message):
   tokenizer = tokenizers.Tokenizer(
@@ -307,3 +308,36 @@ def test_rejects_tokenizer_unusable_with_seqio(tmp_path, vocab_map, message):
   tokenizer.save(str(path))
   with pytest.raises(ValueError, match=message):
     HfTokenizerVocabulary(str(path)).load()
+
+
+FAMILY_TOKENIZERS = ["opt", "llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("name", FAMILY_TOKENIZERS)
+def test_family_tokenizers_prepend_bos_as_transformers_does(name):
+  """OPT (</s>), Llama 3 (<|begin_of_text|>) and Mistral (<s>) prompts start with BOS, Qwen2's do not; ids, BOS and
+  EOS equal what `transformers.AutoTokenizer` gave for the fixture (hf_<name>_tiny_tokens.json)."""
+  expected = json.loads((FIXTURES / f"hf_{name}_tiny_tokens.json").read_text())
+  vocabulary = HfTokenizerVocabulary(str(FIXTURES / f"hf_{name}_tiny" / "tokenizer.json"))
+  assert vocabulary.add_bos == expected["add_bos"] == (name != "qwen2")
+  assert vocabulary.eos_id == expected["eos_id"]
+  if expected["add_bos"]:
+    assert vocabulary.bos_id == expected["bos_id"]
+  for case in expected["cases"]:
+    assert vocabularies.encode_prompt(vocabulary, case["text"]) == case["input_ids"], case["text"]
+    assert vocabulary.decode(vocabulary.encode(case["text"])) == case["text"]
+
+
+def test_prompts_cut_to_length_keep_their_bos():
+  vocabulary = HfTokenizerVocabulary(str(FIXTURES / "hf_llama_tiny" / "tokenizer.json"))
+  ids = vocabularies.encode_prompt(vocabulary, "The quick brown fox jumps over the lazy dog.")
+  cut = vocabularies.encode_prompt(vocabulary, "The quick brown fox jumps over the lazy dog.", max_length=5)
+  assert cut == [vocabulary.bos_id] + ids[-4:] and len(ids) > 5
+  assert vocabularies.bos_to_prepend(vocabularies.byte_vocabulary()) is None
+
+
+def test_id_zero_may_be_an_ordinary_token():
+  """Llama 3 and Qwen2 give id 0 to "!": it encodes and decodes as text (training takes padding from the roles)."""
+  vocabulary = HfTokenizerVocabulary(str(FIXTURES / "hf_qwen2_tiny" / "tokenizer.json"))
+  assert vocabulary.tokenizer.id_to_token(0) == "!" and 0 in vocabulary.encode("Hi!")
+  assert vocabulary.decode(vocabulary.encode("Hi!")) == "Hi!"
