@@ -57,7 +57,7 @@ from forward_throughput import (background_cores, cpu_model, cpu_seconds, import
 
 from tasks import rendering  # noqa: E402
 from teacherlm_jax import annotate, annotation_inputs, convert, decoding, partitioning, vocabularies  # noqa: E402
-from teacherlm_jax.models import bloom, common, registry  # noqa: E402
+from teacherlm_jax.models import bloom, common# noqa: E402
 
 TARGET_RATIO = 20.0  # the annotation issue's target: at least 20x the release's samples/s on CPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

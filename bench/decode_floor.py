@@ -43,7 +43,7 @@ from forward_throughput import (background_cores, cpu_model, cpu_seconds, markdo
                                 warn_if_busy)
 
 from teacherlm_jax import decoding  # noqa: E402
-from teacherlm_jax.models import bloom, common, registry  # noqa: E402
+from teacherlm_jax.models import bloom, common# noqa: E402
 
 FLOAT_BYTES = 4
 

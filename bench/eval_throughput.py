@@ -59,7 +59,7 @@ from forward_throughput import (background_cores, build_models, cpu_model, cpu_s
                                 time_interleaved, torch_on_all_cores, warn_if_busy)
 
 from teacherlm_jax import decoding, evaluate, partitioning, vocabularies  # noqa: E402
-from teacherlm_jax.models import bloom, common, registry  # noqa: E402
+from teacherlm_jax.models import bloom, common# noqa: E402
 
 TARGET_RATIO = 5.0  # the evaluation issue's target: at least 5x the scored options/s of one forward per pair
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

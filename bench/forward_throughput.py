@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from teacherlm_jax import convert
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import bloom, common
 
 INSTALL_HINT = "pip install torch==2.13.0 transformers"
 

@@ -2,14 +2,17 @@
 
 1. Hugging Face interop: imports a tiny random Hugging Face BLOOM (the committed fixture, made by transformers) into
    a params checkpoint, scores a few ECQA-style sentences, greedily continues a prompt with the KV cache, and exports
-   the checkpoint back to the Hugging Face format (the weights are random, so the continuation is gibberish).
+   the checkpoint back to the Hugging Face format (the weights are random, so the continuation is gibberish); then
+   the same for a tiny OPT (OPT-350M's layout) and a tiny Llama 3 (grouped-query attention), through the same code.
 2. The TeacherLM curriculum (gin/curriculum/tiny_cpu.gin) on the embedded samples with the tiny model: multi-task,
    personalization and the three teachers, showing the loss of every stage.
 3. Annotation: the three tiny teachers annotate embedded CREAK and ECQA samples (`teacherlm_jax.annotate`), and a
    few annotated records are printed (a tiny model trained for a minute writes mostly noise; the point is the
    pipeline).
 4. Students (`teacherlm_jax.students`): tiny students trained on the annotated samples, the answer-only baseline and
-   the augmented variants, multi-task then fine-tuned on CREAK, evaluated by rank classification on CREAK and ECQA.
+   the augmented variants, multi-task then fine-tuned on CREAK, evaluated by rank classification on CREAK and ECQA;
+   beside the BLOOM students, tiny OPT students (the paper's student family, gin/models/tiny_opt.gin) on the
+   answer-only and all-fields variants.
 5. Learning by teaching (`teacherlm_jax.lbt`): one tiny round: the CoT teacher's candidate rationales for a few
    CREAK questions are scored by the answer-only student's exam accuracy, and the teacher gets a DPO step on the
    best-vs-worst pairs.
@@ -36,6 +39,9 @@ from teacherlm_jax.models import common, registry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_HF_DIR = REPO / "tests" / "fixtures" / "hf_bloom_tiny"
+OTHER_FAMILIES = {"OPT": REPO / "tests" / "fixtures" / "hf_opt350_tiny",
+                  "Llama 3": REPO / "tests" / "fixtures" / "hf_llama_tiny"}
+OPT_STUDENT_VARIANTS = ["answer_only", "all"]
 SENTENCES = (
     "Q: What kind of people will someone who is in charge of project look for? A: The answer is (C).",
     "Q: What kind of people will someone who is in charge of project look for? A: The answer is (A).",
@@ -102,8 +108,10 @@ def annotate_samples(curriculum_dir: pathlib.Path, out: pathlib.Path, per_datase
   return summaries
 
 
-def run_students(out: pathlib.Path, annotated: dict) -> dict:
-  """Tiny students on the annotated samples (gin/runs/students.gin with tiny steps); {variant: {task: acc}}."""
+def run_students(out: pathlib.Path, annotated: dict, model_gin: str = "tiny.gin",
+                 variants: list[str] | None = None) -> dict:
+  """Tiny students on the annotated samples (gin/runs/students.gin with tiny steps and gin/models/`model_gin`);
+  {variant: {task: acc}}."""
   import gin
   from teacherlm_jax import gin_utils, students
   gin.clear_config()
@@ -112,7 +120,9 @@ def run_students(out: pathlib.Path, annotated: dict) -> dict:
               "MULTITASK_STEPS": 20, "FINETUNE_STEPS": 10, "BATCH_SIZE": 8, "LEARNING_RATE": 3e-3,
               "WARMUP_STEPS": 3, "TASK_FEATURE_LENGTHS": "{'inputs': 128, 'targets': 384}",
               "train.train.log_every": 5}
-  gin_utils.parse_gin([str(REPO / "gin" / "runs" / "students.gin"), str(REPO / "gin" / "models" / "tiny.gin")],
+  if variants is not None:
+    bindings["VARIANTS"] = repr(variants)
+  gin_utils.parse_gin([str(REPO / "gin" / "runs" / "students.gin"), str(REPO / "gin" / "models" / model_gin)],
                       [f"{name} = {value}" for name, value in bindings.items()])
   try:
     return gin.get_configurable(students.run)()
@@ -149,7 +159,7 @@ def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
   reimported = convert.import_hf_params(str(export), config)
   round_trip = all(jax.tree.leaves(jax.tree.map(np.array_equal, reimported, jax.device_get(params))))
   summary = {
-      "model": config.to_dict(),
+      "model": registry.config_to_dict(config),
       "params": common.count_params(params),
       "log_likelihoods": {s: float(v) for s, v in zip(SENTENCES, scores)},
       "prompt": PROMPT,
@@ -179,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
   print(f"  greedy continuation of {PROMPT!r}: {summary['greedy_continuation']!r}")
   print(f"  exported to Hugging Face format and re-imported bit-identical: {summary['export_round_trip_bit_identical']}")
   outputs = dict(summary["outputs"])
+  for family, hf_dir in OTHER_FAMILIES.items():
+    other = run(hf_dir, out / "families" / hf_dir.name)
+    print(f"  {family} with {other['params']:,} parameters from {hf_dir.name}: greedy "
+          f"{other['greedy_continuation']!r}, round trip bit-identical: {other['export_round_trip_bit_identical']}")
+    outputs[f"hf_export_{hf_dir.name}"] = other["outputs"]["hf_export"]
   if not args.skip_curriculum:
     train.setup_logging()
     stages = run_curriculum(out / "curriculum")
@@ -200,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     results = run_students(out / "students", {name: s.output for name, s in annotations.items()})
     print("\n4. Students (tiny, a few steps): rank-classification accuracy after fine-tuning on CREAK")
     for variant, accuracies in results.items():
-      print(f"  {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
+      print(f"  BLOOM {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
+    opt_results = run_students(out / "students_opt", {name: s.output for name, s in annotations.items()},
+                               "tiny_opt.gin", OPT_STUDENT_VARIANTS)
+    for variant, accuracies in opt_results.items():
+      print(f"  OPT   {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
     rounds = learning_by_teaching(out / "lbt", out / "curriculum" / "stage3_cot",
                                   out / "students" / "answer_only" / "finetune")
     dpo = rounds[0].get("dpo")
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     report_path = report.write_report(str(out))
     print(f"\n6. Report: {report_path}")
     outputs.update({"annotated_creak": annotations["creak"].output, "annotated_ecqa": annotations["ecqa"].output,
-                    "students": str(out / "students"), "lbt": str(out / "lbt"), "report": report_path})
+                    "students": str(out / "students"), "students_opt": str(out / "students_opt"),
+                    "lbt": str(out / "lbt"), "report": report_path})
   print("\nOutputs:")
   for name, path in outputs.items():
     print(f"  {name:22s} {path}")

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from teacherlm_jax import checkpoints, convert, partitioning
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import bloom, registry
 
 from conftest import FIXTURES
 

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
 from teacherlm_jax import checkpoints, convert, partitioning
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import registry
 
 from conftest import FIXTURES
 

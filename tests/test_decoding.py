@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from teacherlm_jax import convert, decoding, partitioning
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import common
 
 from conftest import FIXTURES
 

@@ -1,4 +1,4 @@
-"""gin/models/*.gin parse and build the published BLOOM sizes."""
+"""gin/models/*.gin parse and build the published sizes of every family, and a tiny model of each."""
 
 import pathlib
 
@@ -6,7 +6,7 @@ import gin
 import jax
 import pytest
 
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import common, registry
 
 GIN_DIR = pathlib.Path(__file__).parent.parent / "gin" / "models"
 
@@ -18,7 +18,19 @@ PUBLISHED_PARAMS = {
     "bloom_3b": 3_002_557_440,
     "bloom_7b1": 7_069_016_064,
     "bloom_176b": 176_247_271_424,
+    "opt_125m": 125_239_296,
+    "opt_350m": 331_196_416,
+    "opt_1_3b": 1_315_758_080,
+    "opt_2_7b": 2_651_596_800,
+    "opt_6_7b": 6_658_473_984,
+    "llama3_1b": 1_235_814_400,  # Llama-3.2-1B
+    "llama3_8b": 8_030_261_248,  # Llama-3.1-8B
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen2_5_7b": 7_615_616_512,
+    "mistral_7b": 7_241_732_096,  # Mistral-7B-v0.1
 }
+VOCAB_SIZES = {"bloom": 250880, "opt": 50272, "llama3": 128256, "qwen2_5_0_5b": 151936, "qwen2_5_7b": 152064,
+               "mistral": 32000}
 
 
 def _parse(name: str, *bindings: str):
@@ -30,8 +42,9 @@ def _parse(name: str, *bindings: str):
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_published_sizes(name):
   config = _parse(name, "TOKENIZER_PATH = 'unused'")
-  assert config.vocab_size == 250880 and config.dtype == "bfloat16" and config.param_dtype == "float32"
-  shapes = jax.eval_shape(lambda key: common.init_params(bloom.Bloom(config), key, length=2), jax.random.key(0))
+  vocab = next(size for prefix, size in VOCAB_SIZES.items() if name.startswith(prefix))
+  assert config.vocab_size == vocab and config.dtype == "bfloat16" and config.param_dtype == "float32"
+  shapes = jax.eval_shape(lambda key: common.init_params(registry.build(config), key, length=2), jax.random.key(0))
   assert common.count_params(shapes) == PUBLISHED_PARAMS[name]
 
 
@@ -42,6 +55,14 @@ def test_tiny_config_and_byte_vocabulary():
   assert vocabulary.vocab_size <= config.vocab_size
 
 
-def test_bloom_configs_require_a_tokenizer_path():
+@pytest.mark.parametrize("name,family", [("tiny_opt", "opt"), ("tiny_llama", "llama")])
+def test_tiny_configs_of_the_other_families(name, family):
+  config = _parse(name)
+  assert registry.family(config).name == family and config.vocab_size == 512 and config.hidden_size == 64
+  assert config.num_kv_heads == (2 if family == "llama" else 4)
+
+
+@pytest.mark.parametrize("name", ["bloom_560m", "opt_1_3b", "llama3_8b"])
+def test_published_configs_require_a_tokenizer_path(name):
   with pytest.raises(ValueError, match="TOKENIZER_PATH.*gin.REQUIRED"):
-    _parse("bloom_560m")
+    _parse(name)

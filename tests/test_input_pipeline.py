@@ -74,3 +74,20 @@ def test_two_processes_read_disjoint_halves_of_the_global_batch():
   assert len(set(halves[0]) | set(halves[1])) >= len(everything) - 8  # drop_remainder may drop a last partial batch
   batch = next(input_pipeline.BatchIterator(CONFIG, process_index=0, process_count=2))
   assert batch["decoder_target_tokens"].shape == (2, 1024)
+
+
+def test_examples_start_with_bos_for_families_that_prepend_it(clean_task_config):
+  """With a Llama 3 tokenizer (BOS <|begin_of_text|> = 509) every packed example's first input is BOS; with bytes
+  (no BOS) it is 0, as before."""
+  import gin
+  from teacherlm_jax import vocabularies
+  tokenizer = pathlib.Path(__file__).parent / "fixtures" / "hf_llama_tiny" / "tokenizer.json"
+  gin.bind_parameter("task_vocabulary.vocabulary", vocabularies.HfTokenizerVocabulary(str(tokenizer)))
+  batch = next(input_pipeline.BatchIterator(CONFIG, process_index=0, process_count=1))
+  starts = (batch["decoder_positions"] == 0) & (batch["decoder_segment_ids"] != 0)
+  assert starts.sum() >= 4 and np.all(batch["decoder_input_tokens"][starts] == 509)
+  assert np.all(batch["decoder_input_tokens"][~starts & (batch["decoder_segment_ids"] != 0)] != 509)
+  gin.clear_config()
+  batch = next(input_pipeline.BatchIterator(CONFIG, process_index=0, process_count=1))
+  starts = (batch["decoder_positions"] == 0) & (batch["decoder_segment_ids"] != 0)
+  assert np.all(batch["decoder_input_tokens"][starts] == 0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import annotation_inputs, checkpoints, convert, lbt, report, vocabularies
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import bloom, common
 
 from conftest import FIXTURES
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import convert, partitioning
-from teacherlm_jax.models import bloom, common, registry
+from teacherlm_jax.models import bloom, common
 
 MESH_SHAPES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)
 

@@ -7,7 +7,8 @@ import pathlib
 import gin
 import pytest
 
-from teacherlm_jax import curriculum, demo, gin_utils, report, students
+from teacherlm_jax import checkpoints, curriculum, demo, gin_utils, report, students
+from teacherlm_jax.models import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +36,12 @@ def pipeline(tmp_path_factory):
       "EVAL_TASKS": "['teacherlm_eval_creak', 'teacherlm_eval_ecqa']", "VARIANTS": "['answer_only', 'cot', 'all']",
       "MULTITASK_STEPS": 3, "FINETUNE_STEPS": 2, "BATCH_SIZE": 8, "WARMUP_STEPS": 1, "LEARNING_RATE": 3e-3,
       "TASK_FEATURE_LENGTHS": "{'inputs': 128, 'targets': 256}", "students.run.eval_max_examples": 16})
-  return root, annotations, results
+  opt_results = _gin_run(students.run, ["gin/runs/students.gin", "gin/models/tiny_opt.gin"], {
+      "MODEL_DIR": f"'{root / 'students_opt'}'", "ANNOTATED": repr(annotated), "FINETUNE_DATASET": "'creak'",
+      "EVAL_TASKS": "['teacherlm_eval_creak']", "VARIANTS": "['all']", "MULTITASK_STEPS": 3, "FINETUNE_STEPS": 2,
+      "BATCH_SIZE": 8, "WARMUP_STEPS": 1, "LEARNING_RATE": 3e-3, "TASK_FEATURE_LENGTHS": "{'inputs': 128, 'targets': 256}",
+      "students.run.eval_max_examples": 16})
+  return root, annotations, {**results, "opt": opt_results}
 
 
 def test_annotations_of_the_tiny_teachers(pipeline):
@@ -49,6 +55,7 @@ def test_annotations_of_the_tiny_teachers(pipeline):
 
 def test_students_train_finetune_and_evaluate_every_variant(pipeline):
   root, _, results = pipeline
+  results = {variant: accuracies for variant, accuracies in results.items() if variant != "opt"}
   assert list(results) == ["answer_only", "cot", "all"]
   stored = json.loads((root / "students" / "students_results.json").read_text())
   assert stored == results
@@ -62,6 +69,26 @@ def test_students_train_finetune_and_evaluate_every_variant(pipeline):
     assert evaluation["tasks"]["teacherlm_eval_creak"]["accuracy"] == accuracies["teacherlm_eval_creak"]
   config = (root / "students" / "cot" / "multitask" / "config.gin").read_text()
   assert "loss_on_targets_only = False" in config and "keep_last_tokens = True" in config  # the release's parity
+
+
+def test_an_opt_student_trains_through_the_same_command(pipeline):
+  """The paper's student family: gin/models/tiny_opt.gin in place of tiny.gin, nothing else changed."""
+  root, _, results = pipeline
+  assert list(results["opt"]) == ["all"] and 0.0 <= results["opt"]["all"]["teacherlm_eval_creak"] <= 1.0
+  final = root / "students_opt" / "all" / "finetune" / "final_params"
+  assert registry.family(checkpoints.load_config(str(final))).name == "opt"
+
+
+def test_the_students_command_takes_a_published_opt_size():
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([str(REPO / "gin/runs/students.gin"), str(REPO / "gin/models/opt_1_3b.gin")],
+                        ["MODEL_DIR = '/tmp/unused'", "ANNOTATED = {}", "FINETUNE_DATASET = 'creak'",
+                         "TOKENIZER_PATH = 'opt/tokenizer.json'"])
+    config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert registry.family(config).name == "opt" and registry.num_params(config) == 1_315_758_080
 
 
 def test_the_report_has_every_section_and_plot(pipeline):

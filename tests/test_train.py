@@ -29,10 +29,10 @@ def _bindings(model_dir, steps, **extra):
   return [f"{name}={value}" for name, value in values.items()]
 
 
-def _train(model_dir, steps, **extra):
+def _train(model_dir, steps, gin_files=GIN_FILES, **extra):
   gin.clear_config()
   try:
-    gin_utils.parse_gin(GIN_FILES, _bindings(model_dir, steps, **extra))
+    gin_utils.parse_gin(gin_files, _bindings(model_dir, steps, **extra))
     return gin.get_configurable(train.train)()
   finally:
     gin.clear_config()
@@ -75,6 +75,29 @@ def test_fresh_run_learns_and_writes_its_artifacts(uninterrupted):
   assert list(model_dir.glob("events.out.tfevents.*"))
   assert (model_dir / "final_params" / "teacherlm.json").exists()
   assert checkpoints.load_vocabulary(str(model_dir / "final_params")) == vocabularies.byte_vocabulary()
+
+
+@pytest.mark.parametrize("model_gin,fixture,family", [("tiny_opt.gin", "hf_opt_tiny", "opt"),
+                                                      ("tiny_llama.gin", "hf_llama_tiny", "llama")])
+def test_other_families_train_with_their_tokenizer_and_resume(tmp_path, model_gin, fixture, family):
+  """OPT and Llama through the same trainer, with their own tokenizers (BOS first in every example), a checkpoint
+  of the family's config, resumed; the final params record the vocabulary with the tokenizer_config.json that
+  says to prepend BOS."""
+  tokenizer = REPO / "tests" / "fixtures" / fixture / "tokenizer.json"
+  vocabulary_gin = tmp_path / "vocabulary.gin"
+  vocabulary_gin.write_text("from __gin__ import dynamic_registration\nfrom teacherlm_jax import vocabularies\n"
+                            "VOCABULARY = @vocabularies.HfTokenizerVocabulary()\n"
+                            f"vocabularies.HfTokenizerVocabulary.tokenizer_path = '{tokenizer}'\n")
+  files = [GIN_FILES[0], str(REPO / "gin" / "models" / model_gin), str(vocabulary_gin)]
+  first = _train(tmp_path / "run", 4, files)
+  resumed = _train(tmp_path / "run", 8, files)
+  assert first.start.startswith("fresh initialisation") and resumed.final_step == 8
+  assert resumed.start == f"resuming {tmp_path / 'run'} from its checkpoint at step 4"
+  assert resumed.final_metrics["loss"] < first.final_metrics["loss"]
+  final = str(tmp_path / "run" / train_checkpoints.FINAL_PARAMS_DIR)
+  assert registry.family(checkpoints.load_config(final)).name == family
+  recorded = checkpoints.load_vocabulary(final)
+  assert recorded.add_bos and recorded.bos_id == vocabularies.HfTokenizerVocabulary(str(tokenizer)).bos_id
 
 
 def test_sigkill_then_restart_is_bit_identical_and_sees_every_example_once(uninterrupted, tmp_path):

@@ -332,8 +332,11 @@ def init_cache(model: nn.Module, batch_size: int, max_length: int) -> dict:
 
 
 def count_params(params: Any) -> int:
-  """Number of scalar parameters in a (possibly boxed or abstract) params tree."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(params)))
+  """Number of scalar parameters in a (possibly boxed or abstract) params tree (inside a mesh context too)."""
+  boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  leaves = jax.tree.leaves(jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, params,
+                                        is_leaf=boxed))
+  return sum(int(np.prod(x.shape)) for x in leaves)
 
 
 def relayout_layers(params: dict, num_layers: int, *, scan_layers: bool, name: str) -> dict:
