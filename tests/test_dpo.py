@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import checkpoints, convert, dpo, vocabularies
+from teacherlm_jax.models import registry
 
 from conftest import FIXTURES
 
@@ -80,3 +81,20 @@ def test_a_short_run_raises_the_chosen_log_ratio_and_resumes(tmp_path, hf_tiny_d
   reference_chosen, reference_rejected = dpo.pair_log_probs(model, reference, batch)
   assert np.all(np.asarray(policy_chosen - reference_chosen) > np.asarray(policy_rejected - reference_rejected))
   assert checkpoints.load_vocabulary(str(tmp_path / "dpo" / "final_params")) == VOCABULARY
+
+
+def test_dpo_of_a_llama_family_teacher_on_the_same_loop(tmp_path):
+  """Grouped-query attention (2 K/V heads on tensor=2), an untied head and a tokenizer that prepends BOS: the same
+  DPO loop raises the chosen log-ratio, and the result is a Llama checkpoint."""
+  convert.import_hf(str(FIXTURES / "hf_llama_tiny"), str(tmp_path / "teacher"))
+  pairs = [{"prompt": f"Q: Is {x} cold? A:", "chosen": f" {x} is frozen water.", "rejected": " The sky is green."}
+           for x in ("ice", "snow", "hail", "frost")]
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  result = dpo.run(dpo.DpoConfig(model_dir=str(tmp_path / "dpo"), train_steps=4, pairs=str(tmp_path / "pairs.jsonl"),
+                                 initial_checkpoint_path=str(tmp_path / "teacher"), beta=0.5, batch_size=4,
+                                 sequence_length=48, learning_rate=1e-2, warmup_steps=0, save_every=2,
+                                 mesh_shape=(1, 4, 2)))
+  assert result["reward_margin"] > 0
+  final = str(tmp_path / "dpo" / "final_params")
+  assert registry.family(checkpoints.load_config(final)).name == "llama"
+  assert checkpoints.load_vocabulary(final).add_bos

@@ -52,8 +52,8 @@ LAYERS = "h"
 
 
 @dataclasses.dataclass(frozen=True)
-class BloomConfig:
-  """Hyper-parameters of a BLOOM model.
+class BloomConfig(common.ModelConfig):
+  """Hyper-parameters of a BLOOM model (and `common.ModelConfig`'s dtypes, scan and remat fields).
 
   Attributes:
     vocab_size: rows of the (tied) embedding matrix.
@@ -61,14 +61,6 @@ class BloomConfig:
     num_layers: number of transformer blocks n.
     num_heads: attention heads h; head_dim = hidden_size // num_heads.
     layer_norm_epsilon: epsilon of every LayerNorm.
-    dtype: compute dtype of activations and matmuls (e.g. "bfloat16").
-    param_dtype: storage dtype of parameters (normally "float32").
-    logits_dtype: dtype of the returned logits.
-    scan_layers: stack the blocks with `nn.scan` (params get a leading `layers` axis) instead of n separate modules.
-    scan_unroll: layers per scan iteration (1 = a loop; num_layers = fully unrolled, faster on CPU, slower to
-      compile); the params layout does not change.
-    remat_policy: "none" or a key of `REMAT_POLICIES`: what the backward pass may keep instead of recomputing.
-    initializer_range: std of the normal initializer of kernels and embeddings.
   """
 
   vocab_size: int = 250880
@@ -76,18 +68,11 @@ class BloomConfig:
   num_layers: int = 24
   num_heads: int = 16
   layer_norm_epsilon: float = 1e-5
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  logits_dtype: str = "float32"
-  scan_layers: bool = True
-  scan_unroll: int = 1
-  remat_policy: str = "none"
-  initializer_range: float = 0.02
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-    common.check_runtime_fields(self)
+    super().__post_init__()
 
   @property
   def head_dim(self) -> int:
@@ -100,13 +85,6 @@ class BloomConfig:
   @property
   def mlp_dim(self) -> int:
     return 4 * self.hidden_size
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "BloomConfig":
-    return common.config_from_dict(cls, values)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

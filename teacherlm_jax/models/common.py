@@ -50,19 +50,44 @@ CACHE_LOGICAL_AXES = {
 RUNTIME_FIELDS = ("dtype", "param_dtype", "logits_dtype", "scan_layers", "scan_unroll", "remat_policy")
 
 
-def check_runtime_fields(config: Any) -> None:
-  """Validates the fields every family's config shares (remat policy, head divisibility)."""
-  if config.remat_policy != "none" and config.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={config.remat_policy!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The fields every family's config has besides its dimensions.
 
+  Attributes:
+    dtype: compute dtype of activations and matmuls (e.g. "bfloat16").
+    param_dtype: storage dtype of parameters (normally "float32").
+    logits_dtype: dtype of the returned logits.
+    scan_layers: stack the blocks with `nn.scan` (params get a leading `layers` axis) instead of n separate modules.
+    scan_unroll: layers per scan iteration (1 = a loop; num_layers = fully unrolled, faster on CPU, slower to
+      compile); the params layout does not change.
+    remat_policy: "none" or a key of `REMAT_POLICIES`: what the backward pass may keep instead of recomputing.
+    initializer_range: std of the normal initializer of kernels and embeddings.
+  """
 
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-  """`cls(**values)`, refusing unknown fields by name."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(values) - known
-  if unknown:
-    raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-  return cls(**values)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  logits_dtype: str = "float32"
+  scan_layers: bool = True
+  scan_unroll: int = 1
+  remat_policy: str = "none"
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> Any:
+    """`cls(**values)`, refusing unknown fields by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+      raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)

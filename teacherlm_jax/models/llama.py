@@ -53,8 +53,8 @@ ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Hyper-parameters of a Llama-family model.
+class LlamaConfig(common.ModelConfig):
+  """Hyper-parameters of a Llama-family model (and `common.ModelConfig`'s dtypes, scan and remat fields).
 
   Attributes:
     vocab_size, hidden_size (e), num_layers (n), num_heads (h), mlp_dim (m, HF's intermediate_size).
@@ -70,7 +70,6 @@ class LlamaConfig:
     sliding_window: a query attends to at most this many positions back, itself included (0 = no window).
     max_position_embeddings: the context length the model was trained for (recorded for export).
     hf_model_type: "llama", "qwen2" or "mistral": which Hugging Face class an export is for.
-    dtype, param_dtype, logits_dtype, scan_layers, scan_unroll, remat_policy, initializer_range: as `BloomConfig`.
   """
 
   vocab_size: int = 32000
@@ -92,13 +91,6 @@ class LlamaConfig:
   sliding_window: int = 0
   max_position_embeddings: int = 4096
   hf_model_type: str = "llama"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  logits_dtype: str = "float32"
-  scan_layers: bool = True
-  scan_unroll: int = 1
-  remat_policy: str = "none"
-  initializer_range: float = 0.02
 
   def __post_init__(self):
     if not self.num_kv_heads:
@@ -115,14 +107,7 @@ class LlamaConfig:
       raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r}; expected one of {ROPE_SCALING_TYPES}")
     if self.hf_model_type not in HF_MODEL_TYPES:
       raise ValueError(f"hf_model_type={self.hf_model_type!r}; expected one of {HF_MODEL_TYPES}")
-    common.check_runtime_fields(self)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
-    return common.config_from_dict(cls, values)
+    super().__post_init__()
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:

@@ -47,8 +47,8 @@ POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (rows 0 and 1 were
 
 
 @dataclasses.dataclass(frozen=True)
-class OptConfig:
-  """Hyper-parameters of an OPT model.
+class OptConfig(common.ModelConfig):
+  """Hyper-parameters of an OPT model (and `common.ModelConfig`'s dtypes, scan and remat fields).
 
   Attributes:
     vocab_size, hidden_size (e), num_layers (n), num_heads (h; head_dim = e // h), ffn_dim (f).
@@ -57,7 +57,6 @@ class OptConfig:
       0 = hidden_size.
     do_layer_norm_before: pre-LN blocks (True, most sizes) or post-LN ones without a final LayerNorm (350M).
     layer_norm_epsilon: epsilon of every LayerNorm.
-    dtype, param_dtype, logits_dtype, scan_layers, scan_unroll, remat_policy, initializer_range: as `BloomConfig`.
   """
 
   vocab_size: int = 50272
@@ -69,20 +68,13 @@ class OptConfig:
   word_embed_proj_dim: int = 0
   do_layer_norm_before: bool = True
   layer_norm_epsilon: float = 1e-5
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  logits_dtype: str = "float32"
-  scan_layers: bool = True
-  scan_unroll: int = 1
-  remat_policy: str = "none"
-  initializer_range: float = 0.02
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
     if not self.word_embed_proj_dim:
       object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-    common.check_runtime_fields(self)
+    super().__post_init__()
 
   @property
   def head_dim(self) -> int:
@@ -95,13 +87,6 @@ class OptConfig:
   @property
   def projected(self) -> bool:
     return self.word_embed_proj_dim != self.hidden_size
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "OptConfig":
-    return common.config_from_dict(cls, values)
 
 
 class Attention(nn.Module):
