@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from teacherlm_jax import convert, decoding, evaluate
+from teacherlm_jax import convert, decoding, evaluate, partitioning
 from teacherlm_jax.models import common, llama, registry
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -82,6 +82,27 @@ def test_greedy_decoding_with_the_cache_equals_generate(name):
     logits, state = apply({"params": step_params, "cache": state["cache"]}, expected[:, i:i + 1])
     step_logits.append(logits[:, -1])
   np.testing.assert_allclose(np.stack(step_logits, 1), greedy["step_logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name,rules", [("llama", partitioning.DEFAULT_LOGICAL_AXIS_RULES),
+                                        ("qwen2", partitioning.replicate_kv_heads())])
+def test_sharded_decoding_of_grouped_kv_heads(name, rules):
+  """On a (data 1, fsdp 2, tensor 2) mesh: Llama's 2 K/V heads split over tensor=2; Qwen2's 3 do not divide it, so
+  the default rules refuse and replicated K/V heads decode the same tokens as one device."""
+  model, params = _loaded(name)
+  greedy = _fixture(name, "greedy")
+  eos = json.loads((_hf_dir(name) / "config.json").read_text())["eos_token_id"]
+  config = decoding.DecodingConfig(max_new_tokens=greedy["generated_ids"].shape[1], eos_id=eos, first_phase_tokens=4)
+  mesh = partitioning.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+  if name == "qwen2":
+    with pytest.raises(ValueError, match="3 key/value heads .* cannot be split 2 ways.*replicate_kv_heads"):
+      decoding.jit_generate(model, config, mesh=mesh)
+  sharded = partitioning.shard_host_arrays(params, partitioning.logical_shardings(
+      jax.eval_shape(functools.partial(common.init_params, model), jax.random.key(0)), mesh, rules))
+  with partitioning.activation_rules(mesh, rules):
+    tokens, _ = decoding.jit_generate(model, config, mesh=mesh, rules=rules)(
+        sharded, greedy["prompt_ids"], greedy["prompt_mask"], np.arange(2, dtype=np.int32))
+  np.testing.assert_array_equal(tokens, greedy["generated_ids"])
 
 
 @pytest.mark.parametrize("name", NAMES)
