@@ -49,9 +49,6 @@ class ConversionError(ValueError):
   """A Hugging Face directory or checkpoint that cannot be converted; the message names the file and tensor."""
 
 
-TensorMapping = common.TensorMapping
-
-
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -88,12 +85,12 @@ def hf_config_for(config: Any, dtype: str, base: Optional[dict] = None) -> dict:
 # ----------------------------------------------------------------------------------------------- names
 
 
-def tensor_mappings(config: Any) -> dict[str, TensorMapping]:
+def tensor_mappings(config: Any) -> dict[str, common.TensorMapping]:
   """Every HF tensor name (prefixed as `transformers` writes it) of the model -> its mapping."""
   return registry.family(config).module.tensor_mappings(config)
 
 
-def _canonical(name: str, mappings: dict[str, TensorMapping], prefix: str) -> str:
+def _canonical(name: str, mappings: dict[str, common.TensorMapping], prefix: str) -> str:
   """The mapping key of a tensor name, which may lack the family's prefix (older Hub checkpoints)."""
   return name if name in mappings or prefix + name not in mappings else prefix + name
 
@@ -184,7 +181,7 @@ def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def _write(buffers: dict, mapping: TensorMapping, array: np.ndarray) -> None:
+def _write(buffers: dict, mapping: common.TensorMapping, array: np.ndarray) -> None:
   target = buffers
   for key in mapping.path[:-1]:
     target = target[key]

@@ -168,3 +168,7 @@ def test_grouped_query_config_errors_name_the_fix():
     llama.config_from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "intermediate_size": 8,
                           "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+  with pytest.raises(ValueError, match="rope scaling 'llama3' needs 'low_freq_factor'"):
+    llama.config_from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 8,
+                          "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})

@@ -240,11 +240,15 @@ def _rope_settings(hf_config: dict) -> dict[str, Any]:
     return settings
   if kind not in ("linear", "llama3"):
     raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
-  settings.update(rope_scaling_type=kind, rope_scaling_factor=float(scaling["factor"]))
+  def field(key: str) -> Any:
+    if key not in scaling:
+      raise ValueError(f"rope scaling {kind!r} needs {key!r} (rope_scaling / rope_parameters: {scaling})")
+    return scaling[key]
+  settings.update(rope_scaling_type=kind, rope_scaling_factor=float(field("factor")))
   if kind == "llama3":
-    settings.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                    rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                    rope_original_max_positions=int(scaling["original_max_position_embeddings"]))
+    settings.update(rope_low_freq_factor=float(field("low_freq_factor")),
+                    rope_high_freq_factor=float(field("high_freq_factor")),
+                    rope_original_max_positions=int(field("original_max_position_embeddings")))
   return settings
 
 
