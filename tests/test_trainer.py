@@ -66,8 +66,8 @@ def test_three_mesh_shapes_give_the_same_loss_trajectory():
 def test_every_family_trains_the_same_on_eight_devices_as_on_one(family):
   """data x fsdp x tensor = 2 x 2 x 2 (Llama's 2 K/V heads split over tensor=2) against a single device."""
   model, batch = registry.build(FAMILY_CONFIGS[family]), _batch(packed=True)
-  one = _run((1, 1, 1), 8, batch, model=model)[1]
-  eight = _run((2, 2, 2), 8, batch, model=model)[1]
+  one = _run((1, 1, 1), 6, batch, model=model)[1]
+  eight = _run((2, 2, 2), 6, batch, model=model)[1]
   np.testing.assert_allclose(eight, one, atol=2e-5)
   assert one[-1] < one[0] - 0.1  # it learns
 
