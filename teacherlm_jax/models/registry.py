@@ -1,6 +1,6 @@
 """The one model interface: every family by name, by Hugging Face `model_type` and by config class.
 
-  family           modules              Hugging Face model_type   config (gin)           BOS prepended
+  family           modules              Hugging Face model_type   config (gin)           BOS (tokenizer files)
   bloom            models/bloom.py      bloom                     bloom.BloomConfig      no
   opt              models/opt.py        opt                       opt.OptConfig          yes (</s>)
   llama            models/llama.py      llama, mistral, qwen2     llama.LlamaConfig      llama/mistral yes, qwen2 no
@@ -16,7 +16,6 @@ config_from_hf, hf_config, tensor_mappings, tied_head) and a line in `FAMILIES`:
   relayout_layers(config, params, scan_layers=...)   scanned <-> per-layer params
   shape_fields(config)              the fields that make two checkpoints the same model
   flops_per_token(config, length)   training FLOPs per token (MFU)
-  adds_bos(model_type)              whether the family's tokenizer prepends BOS (when its tokenizer files are silent)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
@@ -46,7 +45,6 @@ FAMILIES = {
     "opt": Family("opt", opt, opt.OptConfig, opt.Opt),
     "llama": Family("llama", llama, llama.LlamaConfig, llama.Llama),
 }
-ADDS_BOS = {"bloom": False, "opt": True, "llama": True, "mistral": True, "qwen2": False}
 
 
 def family_named(name: str) -> Family:
@@ -124,7 +122,3 @@ def flops_per_token(config: Any, sequence_length: int) -> float:
   return common.training_flops_per_token(config, num_params(config), family(config).module.lookup_params(config),
                                          sequence_length)
 
-
-def adds_bos(model_type: Optional[str]) -> bool:
-  """Whether a family's tokenizer prepends BOS, for tokenizer files that do not say."""
-  return ADDS_BOS.get(model_type or "bloom", False)
