@@ -12,11 +12,16 @@ teacher (with one teacher: the release's prompt + generation). `provenance` name
 checkpoints, the decoding settings, and per teacher the generated tokens, why generation stopped (`eos`,
 `stop_string`, `length`) and how many prompt tokens were cut.
 
-Work goes chunk by chunk (`chunk_size` input records) and teacher by teacher (one model in memory at a time): each
-chunk's prompts are sorted by length into batches (`decoding.plan_batches`), decoded with the KV cache under jit on
-the mesh, and committed to a part file (`annotation_store`). A killed run restarts where it stopped; when every chunk
-is committed the merged `annotated.jsonl` (input order, every valid record exactly once) and `rejects.jsonl` are
-written, with `summary.json`. With several processes (`jax.distributed`), every process reads the whole input and
+Work goes teacher by teacher (one model in memory at a time) and chunk by chunk (`chunk_size` input records): the
+prompts stream into the continuous-batching engine (`teacherlm_jax.engine`, `engine='slots'`, the default): its
+`batch_size` slots decode together under jit on the mesh, and a slot whose row stops is refilled with the next
+prompt (of this chunk or the next) before the next `steps_per_call` steps, so no slot waits for the slowest row.
+A chunk is committed to a part file (`annotation_store`) as soon as its last row has finished. `engine='static'`
+decodes each chunk in static batches sorted by length (`decoding.plan_batches`), every batch until its slowest
+row stops. A killed run restarts at the uncommitted chunks; when every chunk is committed the merged
+`annotated.jsonl` (input order, every valid record exactly once) and `rejects.jsonl` are written, with
+`summary.json`. `num_samples=K` draws K continuations per record from one prefill (sample k's stream:
+`engine`'s docstring) and writes K records per input record, `provenance.sample` = k. With several processes (`jax.distributed`), every process reads the whole input and
 runs the same batches (each feeds its slice of the batch to the mesh), and writes the records with
 index % num_processes == its process index; OUTPUT_DIR must be on a file system they share.
 
@@ -32,7 +37,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import gin
 import jax
@@ -43,10 +48,11 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tasks import formats, rendering
-from teacherlm_jax import (annotation_inputs, annotation_store, checkpoints, convert, decoding, partitioning, train,
-                           vocabularies)
+from teacherlm_jax import (annotation_inputs, annotation_store, checkpoints, convert, decoding, engine, partitioning,
+                           train, vocabularies)
 
 TOO_LONG_POLICIES = ("truncate_left", "reject")
+ENGINES = ("slots", "static")
 log = train.log
 
 
@@ -61,9 +67,15 @@ class AnnotationConfig:
     max_input_length: the longest prompt in tokens; `too_long` says what happens to longer ones.
     max_new_tokens, temperature, top_k, top_p, stop_strings, seed: decoding (temperature 0 = greedy). A record's
       sampling stream is keyed by its input index, so outputs do not depend on batching or the process count.
-    batch_size: rows per decoding batch (a multiple of the data-parallel mesh size); chunk_size: records per commit.
-    first_phase_tokens: `decoding.DecodingConfig.first_phase_tokens` (new tokens of the first decoding phase, the
-      KV cache growing by half in each later one; 0 = one phase): speed and compile time only, not the output.
+    batch_size: decode slots (engine 'slots') or rows per batch ('static'), a multiple of the data-parallel mesh
+      size; chunk_size: records per commit.
+    num_samples: continuations per record (K > 1: one prefill, K slots; engine 'slots' only).
+    engine: 'slots' (continuous batching) or 'static' (batches sorted by length); steps_per_call: token steps per
+      engine call; tiers: the engine's slot tiers ((slots, nominal columns), ...; empty = one tier; see
+      `engine.long_tail_tiers` for outputs that mostly stop early).
+    first_phase_tokens: `decoding.DecodingConfig.first_phase_tokens` (static engine: new tokens of the first
+      decoding phase, the KV cache growing by half in each later one; 0 = one phase). Engine, steps per call,
+      tiers and phases change speed and compile time only, not the output.
     mesh_shape: (data, fsdp, tensor), -1 = the rest; dtype: activation dtype of the teachers.
   """
 
@@ -83,8 +95,18 @@ class AnnotationConfig:
   first_phase_tokens: int = 64
   mesh_shape: tuple[int, int, int] = (1, -1, 1)
   dtype: str = "float32"
+  num_samples: int = 1
+  engine: str = "slots"
+  steps_per_call: int = 16
+  tiers: tuple[tuple[int, int], ...] = ()
 
   def __post_init__(self):
+    if self.engine not in ENGINES:
+      raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+    if self.num_samples < 1 or (self.num_samples > 1 and self.engine != "slots"):
+      raise ValueError(f"num_samples {self.num_samples}: must be >= 1, and > 1 needs engine='slots'")
+    if self.steps_per_call < 1:
+      raise ValueError(f"steps_per_call must be positive, got {self.steps_per_call}")
     unknown = [name for name, _ in self.teachers if name not in rendering.TEACHERS]
     if unknown or not self.teachers:
       raise ValueError(f"teachers must name some of {list(rendering.TEACHERS)}, got {[n for n, _ in self.teachers]}")
@@ -99,8 +121,11 @@ class AnnotationConfig:
     """What decides the output (run.json): everything except batch size, decoding phases and mesh, which do not
     change it."""
     settings = dataclasses.asdict(self)
-    for name in ("batch_size", "first_phase_tokens", "mesh_shape", "output_dir"):
+    for name in ("batch_size", "first_phase_tokens", "mesh_shape", "output_dir", "engine", "steps_per_call",
+                 "tiers"):
       settings.pop(name)
+    if self.num_samples == 1:
+      settings.pop("num_samples")  # as runs before num_samples existed
     settings["teachers"] = [[name, _absolute(path)] for name, path in self.teachers]
     return settings
 
@@ -194,7 +219,8 @@ def decode_rows(rows: Sequence[tuple[int, list[int], int]], generate_fn, config:
 
 def finished_entry(index: int, generated: np.ndarray, length: int, cut: int, vocabulary: seqio.Vocabulary,
                    config: AnnotationConfig, stop: decoding.DecodingConfig) -> dict[str, Any]:
-  """A committed annotation: the continuation text (cut at the first stop string) and how it ended."""
+  """A committed annotation: the continuation text (cut at the first stop string) and how it ended (K > 1 samples:
+  `sample_entries`)."""
   ids = [int(t) for t in generated[:length]]
   finish = "length"
   if ids and ids[-1] == stop.eos_id:
@@ -206,6 +232,82 @@ def finished_entry(index: int, generated: np.ndarray, length: int, cut: int, voc
           "truncated_prompt_tokens": cut}
 
 
+def sample_entries(index: int, samples: Sequence[np.ndarray], cut: int, vocabulary: seqio.Vocabulary,
+                   config: AnnotationConfig, stop: decoding.DecodingConfig) -> dict[str, Any]:
+  """The committed entry of one record: `finished_entry` of its one sample, or {"index", "samples": [...]}."""
+  entries = [finished_entry(index, ids, len(ids), cut, vocabulary, config, stop) for ids in samples]
+  if config.num_samples == 1:
+    return entries[0]
+  return {"index": index, "samples": [{k: v for k, v in e.items() if k != "index"} for e in entries]}
+
+
+class _Committer:
+  """Commits chunks of one teacher (part file, manifest, progress) as their last rows finish."""
+
+  def __init__(self, teacher: str, config: AnnotationConfig, vocabulary: seqio.Vocabulary,
+               stop: decoding.DecodingConfig, progress: tqdm):
+    self.teacher, self.config, self.vocabulary, self.stop, self.progress = teacher, config, vocabulary, stop, progress
+    self.process, self.processes = jax.process_index(), jax.process_count()
+    self.manifest = annotation_store.Manifest(config.output_dir, self.process, self.processes)
+    self.last, self.tokens, self.seconds = time.perf_counter(), 0, 0.0
+
+  def commit(self, number: int, items: Sequence, rejects: list[dict], rows: Sequence[tuple[int, list[int], int]],
+             outputs: Mapping[int, Sequence[np.ndarray]]) -> None:
+    entries = rejects + [sample_entries(index, outputs[index], cut, self.vocabulary, self.config, self.stop)
+                         for index, _, cut in rows]
+    annotation_store.write_part(self.config.output_dir, self.teacher, number, self.process, self.processes, entries)
+    now = time.perf_counter()
+    new_tokens = sum(len(ids) for samples in outputs.values() for ids in samples)
+    self.manifest.add(self.teacher, number, len(items), len(rejects), new_tokens, now - self.last)
+    self.tokens, self.seconds, self.last = self.tokens + new_tokens, self.seconds + now - self.last, now
+    self.progress.update(len(items))
+    self.progress.set_postfix(tokens_per_s=f"{self.tokens / max(self.seconds, 1e-9):.1f}", rejected=len(rejects))
+
+
+def pending_chunks(teacher: str, config: AnnotationConfig, vocabulary: seqio.Vocabulary, committed: Mapping,
+                   progress: tqdm) -> Iterator[tuple[int, list, list[dict], list]]:
+  """(chunk number, items, rejects, rows) of every chunk not committed yet for the teacher."""
+  for number, items in annotation_inputs.chunks(annotation_inputs.iter_items(config.input), config.chunk_size):
+    if number in committed:
+      progress.update(len(items))
+      continue
+    rejects, rows = prepare_chunk(items, teacher, config, vocabulary)
+    yield number, items, rejects, rows
+
+
+def decode_static(chunks: Iterator, committer: _Committer, params, generate, config: AnnotationConfig,
+                  row_multiple: int) -> None:
+  """engine='static': each chunk in batches sorted by length, committed when decoded."""
+  for number, items, rejects, rows in chunks:
+    outputs = decode_rows(rows, lambda *a: generate(params, *a), config, row_multiple) if rows else {}
+    committer.commit(number, items, rejects, rows,
+                     {index: [generated[:length]] for index, (generated, length) in outputs.items()})
+
+
+def decode_slots(chunks: Iterator, committer: _Committer, slots: engine.Engine, config: AnnotationConfig) -> None:
+  """engine='slots': every chunk's prompts stream through the engine; a chunk commits when its last row is done."""
+  open_chunks: dict[int, tuple] = {}
+
+  def requests() -> Iterator[engine.Request]:
+    for number, items, rejects, rows in chunks:
+      outputs: dict[int, list] = {index: [None] * config.num_samples for index, _, _ in rows}
+      open_chunks[number] = (items, rejects, rows, outputs, [len(rows) * config.num_samples])
+      if not rows:
+        committer.commit(number, items, rejects, rows, outputs)
+        del open_chunks[number]
+      for index, ids, _ in rows:
+        yield engine.Request((number, index), ids, index, config.num_samples)
+
+  for finished in slots.run(requests()):
+    number, index = finished.key
+    items, rejects, rows, outputs, left = open_chunks[number]
+    outputs[index][finished.sample] = finished.ids
+    left[0] -= 1
+    if not left[0]:
+      committer.commit(number, items, rejects, rows, outputs)
+      del open_chunks[number]
+
+
 def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabulary: seqio.Vocabulary,
                      mesh: jax.sharding.Mesh, total: Optional[int]) -> None:
   """Annotates every uncommitted chunk of the input with one teacher."""
@@ -214,29 +316,22 @@ def annotate_teacher(teacher: str, path: str, config: AnnotationConfig, vocabula
   # Per-layer params: what decoding runs (no second, sliced copy of a scanned checkpoint's layers per call).
   model, params = convert.load_model(path, mesh=mesh, dtype=config.dtype, scan_layers=False)
   stop = decoding_config(config, vocabulary)
-  generate = decoding.jit_generate(model, stop, config.seed, mesh=mesh)
-  process, processes = jax.process_index(), jax.process_count()
-  row_multiple = partitioning.data_parallel_size(mesh)
-  manifest = annotation_store.Manifest(config.output_dir, process, processes)
   log.info("teacher %s from %s: %d chunks already committed", teacher, path, len(committed))
-  progress = tqdm(total=total, desc=f"annotate {teacher}", unit="rec", disable=process > 0, dynamic_ncols=True)
-  tokens_done, seconds_done = 0, 0.0
+  progress = tqdm(total=total, desc=f"annotate {teacher}", unit="rec", disable=jax.process_index() > 0,
+                  dynamic_ncols=True)
+  committer = _Committer(teacher, config, vocabulary, stop, progress)
+  chunks = pending_chunks(teacher, config, vocabulary, committed, progress)
   with partitioning.activation_rules(mesh):
-    for number, items in annotation_inputs.chunks(annotation_inputs.iter_items(config.input), config.chunk_size):
-      if number in committed:
-        progress.update(len(items))
-        continue
-      start = time.perf_counter()
-      rejects, rows = prepare_chunk(items, teacher, config, vocabulary)
-      outputs = decode_rows(rows, lambda *a: generate(params, *a), config, row_multiple) if rows else {}
-      entries = rejects + [finished_entry(index, *outputs[index], cut, vocabulary, config, stop)
-                           for index, _, cut in rows]
-      annotation_store.write_part(config.output_dir, teacher, number, process, processes, entries)
-      seconds, new_tokens = time.perf_counter() - start, sum(length for _, length in outputs.values())
-      manifest.add(teacher, number, len(items), len(rejects), new_tokens, seconds)
-      tokens_done, seconds_done = tokens_done + new_tokens, seconds_done + seconds
-      progress.update(len(items))
-      progress.set_postfix(tokens_per_s=f"{tokens_done / max(seconds_done, 1e-9):.1f}", rejected=len(rejects))
+    if config.engine == "static":
+      generate = decoding.jit_generate(model, stop, config.seed, mesh=mesh)
+      decode_static(chunks, committer, params, generate, config, partitioning.data_parallel_size(mesh))
+    else:
+      slots = engine.Engine(model, params, stop, slots=config.batch_size, max_prompt_length=config.max_input_length,
+                            tiers=config.tiers or None, steps_per_call=config.steps_per_call, seed=config.seed,
+                            mesh=mesh)
+      decode_slots(chunks, committer, slots, config)
+      log.info("teacher %s: engine occupancy %.1f%% (%d steps of %d slots), %d prefills, %d moves", teacher,
+               100 * slots.stats.occupancy, slots.stats.steps, slots.slots, slots.stats.prefills, slots.stats.moves)
   progress.close()
 
 
@@ -251,11 +346,17 @@ def merge(config: AnnotationConfig, started: float) -> AnnotationSummary:
       yield items, {name: _committed_entries(config, name, number, committed[name]) for name, _ in config.teachers}
 
   def merge_record(item, entries):
-    record = merged_record(item, entries, config)
-    stats["truncated"] += any(e["truncated_prompt_tokens"] for e in entries.values())
-    for name, entry in entries.items():
-      stats["new_tokens"][name] += entry["new_tokens"]
-    return record
+    records = []
+    for k in range(config.num_samples):
+      sample = {name: entry if config.num_samples == 1 else {"index": entry["index"], **entry["samples"][k]}
+                for name, entry in entries.items()}
+      records.append(merged_record(item, sample, config))
+      if config.num_samples > 1:
+        records[-1]["provenance"]["sample"] = k
+      stats["truncated"] += any(e["truncated_prompt_tokens"] for e in sample.values())
+      for name, entry in sample.items():
+        stats["new_tokens"][name] += entry["new_tokens"]
+    return records
 
   counts = annotation_store.write_merged(config.output_dir, annotation_store.merged_rows(chunk_entries(),
                                                                                          merge_record))
@@ -338,7 +439,8 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_strings: Sequence[str] = (), seed: int = 0, batch_size: int = 32, chunk_size: int = 256,
              first_phase_tokens: int = 64, mesh_shape: Sequence[int] = (1, -1, 1),
-             dtype: str = "float32") -> AnnotationSummary:
+             dtype: str = "float32", num_samples: int = 1, engine_name: str = "slots", steps_per_call: int = 16,
+             tiers: Sequence[Sequence[int]] = ()) -> AnnotationSummary:
   """The gin entry point (gin/runs/annotate.gin). `teachers` maps teacher names to checkpoints; without it the
   stage-3 teachers `teacher_names` of a curriculum run in `curriculum_dir` are used. See AnnotationConfig."""
   if teachers is None:
@@ -351,7 +453,8 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
       input=spec, output_dir=output_dir, teachers=tuple(teachers.items()), max_input_length=max_input_length,
       too_long=too_long, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       stop_strings=tuple(stop_strings), seed=seed, batch_size=batch_size, chunk_size=chunk_size,
-      first_phase_tokens=first_phase_tokens, mesh_shape=tuple(mesh_shape), dtype=dtype)
+      first_phase_tokens=first_phase_tokens, mesh_shape=tuple(mesh_shape), dtype=dtype, num_samples=num_samples,
+      engine=engine_name, steps_per_call=steps_per_call, tiers=tuple(tuple(t) for t in tiers))
   return run(config, vocabulary)
 
 

@@ -5,12 +5,14 @@
   OUTPUT_DIR/work/<teacher>/chunk-000012.p00001-of-00002.jsonl
                                       process 1's part of chunk 12 (input items 12*chunk_size ...): one line per
                                       record it owns (index % num_processes == process), either
-                                      {"index", "text", "new_tokens", "finish", "truncated_prompt_tokens"} or
+                                      {"index", "text", "new_tokens", "finish", "truncated_prompt_tokens"}, with
+                                      K > 1 samples {"index", "samples": [{"text", ...} x K]}, or
                                       {"index", "rejected": {file, line|record, field, reason}}
   OUTPUT_DIR/manifests/process-00001-of-00002.json
                                       what that process committed: (teacher, chunk, records, rejected, tokens, seconds)
-  OUTPUT_DIR/annotated.jsonl          the merged output: every valid input record once, in input order, with the
-                                      teachers' fields, `all` and `provenance`
+  OUTPUT_DIR/annotated.jsonl          the merged output: every valid input record once (K samples: K times,
+                                      provenance.sample = 0 .. K-1), in input order, with the teachers' fields,
+                                      `all` and `provenance`
   OUTPUT_DIR/rejects.jsonl            every rejected input record once, in input order: index, file, line, field,
                                       reason
   OUTPUT_DIR/summary.json             counts, tokens and times
@@ -149,7 +151,8 @@ def merged_rows(entries_by_chunk: Iterator[tuple[list, dict[str, dict[int, dict]
                 ) -> Iterator[tuple[str, dict]]:
   """("annotated" | "rejected", row) in input order, from (chunk items, {teacher: {index: entry}}) pairs.
 
-  `merge_record(item, {teacher: entry})` returns the merged record or raises the record's `formats.BadRecord`.
+  `merge_record(item, {teacher: entry})` returns the merged records (one per sample) or raises the record's
+  `formats.BadRecord`.
   """
   for items, entries in entries_by_chunk:
     for item in items:
@@ -163,7 +166,8 @@ def merged_rows(entries_by_chunk: Iterator[tuple[list, dict[str, dict[int, dict]
       if rejected is not None:
         yield "rejected", {"index": index, **rejected}
       else:
-        yield "annotated", merge_record(item, per_teacher)
+        for row in merge_record(item, per_teacher):
+          yield "annotated", row
 
 
 def write_merged(output_dir: str, rows: Iterable[tuple[str, dict]]) -> collections.Counter:

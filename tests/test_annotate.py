@@ -94,12 +94,28 @@ def test_each_record_equals_decoding_it_alone(reference, hf_tiny_dir):
       assert record[field] == VOCABULARY.decode(out[0, :length[0]].tolist()).strip()
 
 
-def test_batch_size_decoding_phases_and_chunking_do_not_change_the_output(reference, tmp_path):
-  config, summary = reference
-  other = annotate.run(dataclasses.replace(config, output_dir=str(tmp_path / "b16"), batch_size=16,
-                                           first_phase_tokens=2), VOCABULARY)  # phases ending at 2, 3, 5, 6 new tokens
-  assert pathlib.Path(other.output).read_bytes() == pathlib.Path(summary.output).read_bytes()
-  assert pathlib.Path(other.rejects).read_bytes() == pathlib.Path(summary.rejects).read_bytes()
+def test_engines_slots_tiers_batch_size_and_phases_do_not_change_the_output(reference, tmp_path):
+  config, summary = reference  # the slot engine, 8 slots, one tier
+  for name, overrides in [("static", dict(engine="static", batch_size=16, first_phase_tokens=2)),  # phases 2, 3, 5, 6
+                          ("tiers", dict(batch_size=16, tiers=((8, 70), (8, 170)), steps_per_call=2, chunk_size=5))]:
+    other = annotate.run(dataclasses.replace(config, output_dir=str(tmp_path / name), **overrides), VOCABULARY)
+    assert pathlib.Path(other.output).read_bytes() == pathlib.Path(summary.output).read_bytes(), name
+    assert pathlib.Path(other.rejects).read_bytes() == pathlib.Path(summary.rejects).read_bytes(), name
+  with pytest.raises(ValueError, match="needs engine='slots'"):
+    dataclasses.replace(config, engine="static", num_samples=2)
+
+
+def test_k_samples_from_one_prefill_equal_k_separate_streams(reference, tmp_path):
+  config, _ = reference
+  sampled = dataclasses.replace(config, temperature=1.0, seed=5, teachers=config.teachers[:1], chunk_size=30)
+  summary = annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "k3"), num_samples=3), VOCABULARY)
+  records = _lines(summary.output)
+  assert [r["provenance"]["sample"] for r in records[:6]] == [0, 1, 2, 0, 1, 2]
+  assert summary.annotated == 3 * len(_lines(reference[1].output))
+  # Sample 0 is the one-sample stream; sample k >= 1 draws as the engine's stream (index, k) alone would.
+  single = _lines(annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "k1")), VOCABULARY).output)
+  assert [r["cot"] for r in records if r["provenance"]["sample"] == 0] == [r["cot"] for r in single]
+  assert len({r["cot"] for r in records[:3]}) > 1  # the samples differ
 
 
 def test_rejects_name_line_and_reason_and_long_prompts_follow_the_policy(reference, tmp_path):

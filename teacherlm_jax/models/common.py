@@ -13,6 +13,12 @@ row gets the logits of the unpadded one in every family (ALiBi, learned position
 KV cache (`decode=True`): per layer `key` / `value` [b, g, s, d] (head-major: a decoding step's attention reads the
 cache in place), `positions` / `segment_ids` [b, s], `index` (the next free slot); the model keeps `valid_count` [b]
 (valid tokens cached per row, so new tokens continue the positions). Logical axes: `CACHE_LOGICAL_AXES`.
+
+Slot cache (the continuous-batching engine, `teacherlm_jax.engine`): the same variables, but `key`, `value`,
+`positions` and `segment_ids` are tuples with one array per *tier* (tier t holds rows o_t .. o_t + b_t of the batch,
+[b_t, g, s_t, d] with its own length s_t) and `index` is [b]: every row writes at its own column. A call then takes
+one token per row; rows whose token has segment 0 write nothing and do not advance. Each tier's attention reads its
+own length only, so rows that stay short are kept in a short tier.
 """
 
 from __future__ import annotations
@@ -169,9 +175,11 @@ def sequence_layout(module: nn.Module, input_ids: Array, attention_mask: Optiona
 def visible(q_pos: Array, k_pos: Array, q_seg: Array, k_seg: Array, q_slot: Array, k_slot: Array,
             window: int = 0) -> Array:
   """[b, q, k] bool: a query sees keys of its own (non-zero) segment at the same or an earlier slot (and, with a
-  sliding `window` > 0, fewer than `window` positions back)."""
+  sliding `window` > 0, fewer than `window` positions back). `q_slot` is [q] (one cache index for all rows) or
+  [b, q] (a slot cache: every row at its own column)."""
+  q_slot = q_slot if q_slot.ndim == 2 else q_slot[None]
   seen = ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-          & (k_slot[None, None, :] <= q_slot[None, :, None]))
+          & (k_slot[None, None, :] <= q_slot[:, :, None]))
   if window:
     seen &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
   return seen
@@ -244,6 +252,8 @@ def self_attention(module: nn.Module, q: Array, k: Array, v: Array, positions: A
     bias_fn: (q_pos [b, q], k_pos [b, k], seen [b, q, k] bool) -> float32 bias [b, h or 1, q, k], masking
       included (`masking_only`, or ALiBi).
   """
+  if decode and is_slot_cache(module):
+    return slot_attention(module, q, k, v, positions, segment_ids, bias_fn)
   if decode:
     k, v, k_pos, k_seg, q_slot = update_cache(module, k, v, positions, segment_ids)
     k_slot = jnp.arange(k.shape[2], dtype=jnp.int32)
@@ -252,6 +262,60 @@ def self_attention(module: nn.Module, q: Array, k: Array, v: Array, positions: A
     q_slot = k_slot = jnp.arange(q.shape[1], dtype=jnp.int32)
   seen = visible(positions, k_pos, segment_ids, k_seg, q_slot, k_slot, getattr(module.config, "sliding_window", 0))
   out = attention(q, k, v, bias_fn(positions, k_pos, seen), head_major=decode)
+  return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+
+
+def is_slot_cache(module: nn.Module) -> bool:
+  """Whether `module`'s cache is a slot cache (per-tier key tuples, per-row index; see the module docstring)."""
+  return module.has_variable("cache", "key") and isinstance(module.get_variable("cache", "key"), (tuple, list))
+
+
+def _write_rows(cache: Array, new: Array, column: Array, write: Array) -> Array:
+  """cache [n, ..., s, ...] with `new` [n, ...] written at column[i] of row i where write[i] (the length axis is the
+  third for keys / values [n, g, s, d], the second for [n, s])."""
+  rows = jnp.arange(cache.shape[0])
+  if cache.ndim == 4:
+    old = cache[rows, :, column]
+    return cache.at[rows, :, column].set(jnp.where(write[:, None, None], new.astype(cache.dtype), old))
+  old = cache[rows, column]
+  return cache.at[rows, column].set(jnp.where(write, new.astype(cache.dtype), old))
+
+
+def slot_attention(module: nn.Module, q: Array, k: Array, v: Array, positions: Array, segment_ids: Array,
+                   bias_fn: Callable[[Array, Array, Array, Array], Array]) -> Array:
+  """One decoding step over a slot cache: every row writes its key/value at its own `index` (if its token's segment
+  is not 0) and attends over its tier's cache, up to that column.
+
+  Args:
+    q [b, 1, h, d], k and v [b, 1, g, d]; positions, segment_ids [b, 1]; bias_fn as `self_attention`'s.
+  """
+  keys, values = module.get_variable("cache", "key"), module.get_variable("cache", "value")
+  cached_pos, cached_seg = module.get_variable("cache", "positions"), module.get_variable("cache", "segment_ids")
+  index = module.get_variable("cache", "index")
+  write = segment_ids[:, 0] != 0
+  outs, new = [], {"key": [], "value": [], "positions": [], "segment_ids": []}
+  start = 0
+  for tier_k, tier_v, tier_pos, tier_seg in zip(keys, values, cached_pos, cached_seg):
+    rows = slice(start, start + tier_k.shape[0])
+    start = rows.stop
+    column = jnp.minimum(index[rows], tier_k.shape[2] - 1)
+    tier = {"key": _write_rows(tier_k, k[rows, 0], column, write[rows]),
+            "value": _write_rows(tier_v, v[rows, 0], column, write[rows]),
+            "positions": _write_rows(tier_pos, positions[rows, 0], column, write[rows]),
+            "segment_ids": _write_rows(tier_seg, segment_ids[rows, 0], column, write[rows])}
+    tier["key"] = nn.with_logical_constraint(tier["key"], CACHE_LOGICAL_AXES["key"])
+    tier["value"] = nn.with_logical_constraint(tier["value"], CACHE_LOGICAL_AXES["value"])
+    for name, array in tier.items():
+      new[name].append(array)
+    k_slot = jnp.arange(tier_k.shape[2], dtype=jnp.int32)
+    seen = visible(positions[rows], tier["positions"], segment_ids[rows], tier["segment_ids"], column[:, None],
+                   k_slot, getattr(module.config, "sliding_window", 0))
+    outs.append(attention(q[rows], tier["key"], tier["value"], bias_fn(positions[rows], tier["positions"], seen),
+                          head_major=True))
+  for name, arrays in new.items():
+    module.put_variable("cache", name, tuple(arrays))
+  module.put_variable("cache", "index", index + write.astype(index.dtype))
+  out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
   return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
 
 
