@@ -92,6 +92,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                       "continuations are not one repeated token (which would make the check say little)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
+  parser.add_argument("--lengths", choices=("lognormal", "fixed"), default="lognormal",
+                      help="lognormal: every prompt's output length drawn (seeded) from a log-normal, a few at the "
+                           "cap, ended by EOS on every side; fixed: exactly --new_tokens for every prompt")
+  parser.add_argument("--median_tokens", type=float, default=200.0, help="lognormal: the median output length")
+  parser.add_argument("--sigma", type=float, default=0.7, help="lognormal: sigma of log(length)")
+  parser.add_argument("--cap", type=int, default=1024, help="lognormal: the longest output (max_new_tokens)")
+  parser.add_argument("--at_cap", type=float, default=0.05, help="lognormal: the fraction of prompts at the cap")
+  parser.add_argument("--tiers", default="long_tail", help="lognormal, ours with slots: 'long_tail' "
+                      "(engine.long_tail_tiers), 'one' (one tier), or 'S:L,S:L'")
+  parser.add_argument("--steps_per_call", type=int, default=16, help="lognormal: the engine's steps per call")
+  parser.add_argument("--hf_batch_sizes", default="4,8,16", help="lognormal: batch sizes tried for batched generate")
+  parser.add_argument("--hf_batched_prompts", type=int, default=16,
+                      help="lognormal: prompts (evenly spread) for each batched generate trial")
   args = parser.parse_args(argv)
   if not 1 <= args.hf_prompts <= args.num_prompts or args.repeats < 1 or args.num_prompts < 1:
     parser.error("need 1 <= --hf_prompts <= --num_prompts and --repeats >= 1")
@@ -190,6 +203,9 @@ def greedy_check(args: argparse.Namespace, torch: Any, hf_model: Any, model: blo
 
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
+  if args.lengths == "lognormal":
+    import annotate_lognormal  # noqa: E402 (the long-tailed workload, its own module)
+    return annotate_lognormal.run(args)
   torch, transformers = import_torch()
 
   cores = torch_on_all_cores(torch)

@@ -210,7 +210,8 @@ def per_layer(model: nn.Module, params) -> tuple[nn.Module, dict]:
 
 
 def generate(model: nn.Module, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_seeds: jax.Array,
-             config: DecodingConfig, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+             config: DecodingConfig, seed: int = 0, row_limits: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, jax.Array]:
   """Continues left-padded prompts.
 
   Args:
@@ -218,6 +219,7 @@ def generate(model: nn.Module, params, prompt_tokens: jax.Array, prompt_mask: ja
     prompt_tokens: [b, l] int32, left-padded; prompt_mask: [b, l], 1 for prompt tokens.
     row_seeds: [b] int32, one per record (e.g. its index in the dataset): its sampling stream.
     config: decoding settings; seed: the run's sampling seed.
+    row_limits: optional [b] int32, the most new tokens of each row (at most config.max_new_tokens).
 
   Returns:
     tokens [b, max_new_tokens] int32 (pad_id after a row's EOS) and lengths [b] (generated tokens, EOS included).
@@ -234,6 +236,8 @@ def generate(model: nn.Module, params, prompt_tokens: jax.Array, prompt_mask: ja
     tokens = tokens.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == config.eos_id) | stop_sequence_matched(tokens, step, config.stop_sequences)
+    if row_limits is not None:
+      done = done | (lengths >= row_limits)
     return token, tokens, done, lengths
 
   ends = phase_ends(config)

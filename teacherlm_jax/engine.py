@@ -57,18 +57,19 @@ from teacherlm_jax import decoding, partitioning
 from teacherlm_jax.models import common, registry
 
 SAMPLE_STREAM_OFFSET = 2 ** 31
-SLOT_FIELDS = ("token", "length", "done", "live", "columns", "keys", "out")
+SLOT_FIELDS = ("token", "length", "limit", "done", "live", "columns", "keys", "out")
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
   """A prompt to continue: `key` comes back with its outputs; `stream` keys its sampling (the record's index);
-  `samples` continuations are drawn from one prefill."""
+  `samples` continuations are drawn from one prefill; `max_new_tokens` lowers the engine's limit for this one."""
 
   key: Hashable
   ids: Sequence[int]
   stream: int
   samples: int = 1
+  max_new_tokens: Optional[int] = None  # this request's limit (at most the engine's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,8 @@ class Engine:
     def cache_axes(name, leaf):
       axes = ("batch",) if name == "index" else common.CACHE_LOGICAL_AXES[name]
       return tuple(axes for _ in leaf) if isinstance(leaf, tuple) else axes
-    slot_axes = {"token": ("batch",), "length": ("batch",), "done": ("batch",), "live": ("batch",),
+    slot_axes = {"token": ("batch",), "length": ("batch",), "limit": ("batch",), "done": ("batch",),
+                 "live": ("batch",),
                  "columns": ("batch",), "keys": ("batch", None), "out": ("batch", None)}
     return {"cache": _map_cache(cache_axes, state["cache"]), **slot_axes}
 
@@ -245,7 +247,8 @@ class Engine:
         return tuple(jnp.zeros((n, w), leaf.dtype) for n, w in sizes)
       return jnp.zeros((b,), jnp.int32)  # index, valid_count
     state = {"cache": _map_cache(slot_leaf, layer_cache), "token": jnp.zeros((b,), jnp.int32),
-             "length": jnp.zeros((b,), jnp.int32), "done": jnp.ones((b,), bool), "live": jnp.zeros((b,), bool),
+             "length": jnp.zeros((b,), jnp.int32), "limit": jnp.zeros((b,), jnp.int32),
+             "done": jnp.ones((b,), bool), "live": jnp.zeros((b,), bool),
              "columns": jnp.zeros((b,), jnp.int32), "keys": jnp.zeros((b, 2), jnp.uint32),
              "out": jnp.full((b, self.config.max_new_tokens), self.config.pad_id, jnp.int32)}
     return state
@@ -288,7 +291,7 @@ class Engine:
     step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), 0))(keys)
     return decoding.next_tokens(logits, step_keys, self.config)
 
-  def _insert(self, state, prefilled, logits, prompt, slot, stream, sample, *, tier: int):
+  def _insert(self, state, prefilled, logits, prompt, slot, stream, sample, limit, *, tier: int):
     """Copies prefilled prompt `prompt` into `slot` (a slot of tier `tier`) and draws its first token."""
     row = slot - self.offsets[tier]
 
@@ -308,10 +311,11 @@ class Engine:
     out = jnp.full((self.config.max_new_tokens,), self.config.pad_id, jnp.int32).at[0].set(token)
     done = ((token == self.config.eos_id) | _stop_matched(out[None], jnp.ones((1,), jnp.int32),
                                                           self.config.stop_sequences)[0]
-            | (self.config.max_new_tokens == 1))
+            | (limit <= 1))
     prompt_columns = _prompt_columns(prefilled)
     return {"cache": cache, "token": state["token"].at[slot].set(token),
-            "length": state["length"].at[slot].set(1), "done": state["done"].at[slot].set(done),
+            "length": state["length"].at[slot].set(1), "limit": state["limit"].at[slot].set(limit),
+            "done": state["done"].at[slot].set(done),
             "live": state["live"].at[slot].set(True), "columns": state["columns"].at[slot].set(prompt_columns),
             "keys": state["keys"].at[slot].set(key[0]), "out": state["out"].at[slot].set(out)}
 
@@ -363,8 +367,9 @@ class Engine:
       out = state["out"].at[rows, column].set(jnp.where(active, token, state["out"][rows, column]))
       length = state["length"] + active
       stopped = (token == config.eos_id) | _stop_matched(out, length, config.stop_sequences)
-      done = state["done"] | (active & (stopped | (length >= config.max_new_tokens)))
-      state = {"cache": new["cache"], "token": token, "length": length, "done": done, "live": state["live"],
+      done = state["done"] | (active & (stopped | (length >= state["limit"])))
+      state = {"cache": new["cache"], "token": token, "length": length, "limit": state["limit"], "done": done,
+               "live": state["live"],
                "columns": state["columns"] + active, "keys": state["keys"], "out": out}
       return step + 1, state, kept + jnp.sum(active)
 
@@ -409,9 +414,11 @@ class Engine:
     self.stats.prefilled_prompts += len(prompts)
     return cache, logits, length
 
-  def insert(self, state, prefilled, logits, prompt: int, slot: int, stream: int, sample: int):
+  def insert(self, state, prefilled, logits, prompt: int, slot: int, stream: int, sample: int,
+             max_new_tokens: Optional[int] = None):
     """`state` with prefilled prompt `prompt` in `slot` (a free slot), streaming (stream, sample)."""
-    scalars = self._host(tuple(np.asarray(v, np.int32) for v in (prompt, slot, stream, sample)), [()] * 4)
+    limit = min(max_new_tokens or self.config.max_new_tokens, self.config.max_new_tokens)
+    scalars = self._host(tuple(np.asarray(v, np.int32) for v in (prompt, slot, stream, sample, limit)), [()] * 5)
     return self._call("insert", self._insert, state, prefilled, logits, *scalars, tier=int(self.tier_of[slot]))
 
   def swap(self, state, a: int, b: int):
@@ -538,7 +545,7 @@ class _HostLoop:
         break
       (cache, logits, length), p, request, k = self.pending.popleft()
       state = self.grow(state, int(self.engine.tier_of[slot]), length + self.engine.steps_per_call)
-      state = self.engine.insert(state, cache, logits, p, slot, request.stream, k)
+      state = self.engine.insert(state, cache, logits, p, slot, request.stream, k, request.max_new_tokens)
       self.rows[slot], self.columns[slot] = (request, k), length
     return state
 

@@ -5,8 +5,9 @@
   python -m teacherlm_jax.lbt select --gin_file=gin/runs/lbt.gin ... --gin.SELECTION="'max'"
 
 M1 scoring (`score`), in OUTPUT_DIR:
-  candidates/<k>/   K candidate rationales per teaching problem: the annotation loop (`teacherlm_jax.annotate`) with
-                    the one teacher, sampling with seed SEED + k (resumable per chunk like any annotation run)
+  candidates/       K candidate rationales per teaching problem: one annotation run (`teacherlm_jax.annotate`) with
+                    the one teacher and num_samples=K, so each problem is prefilled once and sampled in K slots
+                    (streams (problem index, k), `teacherlm_jax.engine`); resumable per chunk like any annotation run
   exams.jsonl       for each teaching problem, EXAM_SIZE exam problems of the same task (a record's `task` field, else
                     its input file): `random` (seeded, never the problem itself) or `lexical` (the most similar
                     questions by word-set Jaccard overlap)
@@ -160,22 +161,21 @@ def choose_exams(problems: Sequence[Problem], pool: Sequence[Problem], exam_size
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-def candidate_config(config: LbtConfig, k: int) -> annotate.AnnotationConfig:
+def candidate_config(config: LbtConfig) -> annotate.AnnotationConfig:
   return annotate.AnnotationConfig(
-      input=config.input, output_dir=str(epath.Path(config.output_dir) / "candidates" / str(k)),
+      input=config.input, output_dir=str(epath.Path(config.output_dir) / "candidates"),
       teachers=(config.teacher,), max_input_length=config.max_input_length, max_new_tokens=config.max_new_tokens,
-      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed + k,
-      batch_size=config.batch_size, mesh_shape=config.mesh_shape)
+      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed,
+      batch_size=config.batch_size, mesh_shape=config.mesh_shape, num_samples=config.num_candidates)
 
 
 def read_candidates(config: LbtConfig) -> dict[tuple[int, int], dict]:
   """{(problem index, candidate k): annotated record}."""
   candidates = {}
-  for k in range(config.num_candidates):
-    path = epath.Path(config.output_dir) / "candidates" / str(k) / annotation_store.OUTPUT_FILE
-    for line in path.read_text().splitlines():
-      record = json.loads(line)
-      candidates[(record["provenance"]["index"], k)] = record
+  path = epath.Path(config.output_dir) / "candidates" / annotation_store.OUTPUT_FILE
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    candidates[(record["provenance"]["index"], record["provenance"].get("sample", 0))] = record
   return candidates
 
 
@@ -205,8 +205,7 @@ def student_scores(student: str, examples: Sequence[evaluate.EvalExample], confi
 def score(config: LbtConfig) -> str:
   """M1: candidates, exams and LbT scores (each stage skipped when done); returns the path of scores.jsonl."""
   out = epath.Path(config.output_dir)
-  for k in range(config.num_candidates):
-    annotate.run(candidate_config(config, k))
+  annotate.run(candidate_config(config))
   problems = read_problems(config.input)
   pool = read_problems(config.exam_input) if config.exam_input else problems
   exams_path = out / "exams.jsonl"

@@ -90,12 +90,10 @@ def test_the_explaining_rationale_scores_higher_than_an_empty_or_shuffled_one(tm
                          batch_size=8, max_length=1024)
   prompt = annotation_inputs.sample(config.input, None, _problem(FALSE[0], "B")).prompt("cot")
   rationales = [" It is false: (B). " + "B " * 30, "", " It is true: (A). " + "A " * 30]  # explaining, empty, other's
-  for k, rationale in enumerate(rationales):
-    record = {**_problem(FALSE[0], "B"), "cot": rationale.strip(), "all": prompt + rationale,
-              "provenance": {"index": 0}}
-    directory = tmp_path / "lbt" / "candidates" / str(k)
-    directory.mkdir(parents=True)
-    _write(directory / "annotated.jsonl", [record])
+  records = [{**_problem(FALSE[0], "B"), "cot": rationale.strip(), "all": prompt + rationale,
+              "provenance": {"index": 0, "sample": k}} for k, rationale in enumerate(rationales)]
+  (tmp_path / "lbt" / "candidates").mkdir(parents=True)
+  _write(tmp_path / "lbt" / "candidates" / "annotated.jsonl", records)  # an annotation run with num_samples=3
   problems = lbt.read_problems(config.input)
   exams = lbt.choose_exams(problems[:1], problems, 4, "random", 0, same_pool=True)
   rows = lbt.score_rows(config, problems[:1], problems, exams)
