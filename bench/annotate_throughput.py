@@ -68,8 +68,9 @@ TOKENIZER = "tests/fixtures/tokenizer/tokenizer.json"
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   """The command-line flags (model size, prompts, decoding, batch size, repeats, output file)."""
   parser = model_parser(__doc__)
-  parser.add_argument("--num_prompts", type=int, default=64,
-                      help="prompts annotated: the first half from ECQA test, the rest from CREAK validation")
+  parser.add_argument("--num_prompts", type=int, default=None,
+                      help="prompts annotated: the first half from ECQA test, the rest from CREAK validation "
+                           "(default 64; lognormal: 384, the 200 records cycled)")
   parser.add_argument("--teacher", default="cot", choices=list(rendering.TEACHERS), help="whose prompt")
   parser.add_argument("--new_tokens", type=int, default=256,
                       help="tokens generated per prompt, on both sides (256: gin/runs/annotate.gin's MAX_NEW_TOKENS)")
@@ -102,10 +103,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--tiers", default="long_tail", help="lognormal, ours with slots: 'long_tail' "
                       "(engine.long_tail_tiers), 'one' (one tier), or 'S:L,S:L'")
   parser.add_argument("--steps_per_call", type=int, default=16, help="lognormal: the engine's steps per call")
-  parser.add_argument("--hf_batch_sizes", default="4,8,16", help="lognormal: batch sizes tried for batched generate")
+  parser.add_argument("--hf_batch_sizes", default="8,16", help="lognormal: batch sizes tried for batched generate")
   parser.add_argument("--hf_batched_prompts", type=int, default=16,
                       help="lognormal: prompts (evenly spread) for each batched generate trial")
   args = parser.parse_args(argv)
+  if args.num_prompts is None:
+    args.num_prompts = 384 if args.lengths == "lognormal" else 64
+  if args.lengths == "lognormal" and args.hf_prompts == 16:
+    args.hf_prompts = 8  # batch 1 at ~300 tokens a prompt: about 1 minute
   if not 1 <= args.hf_prompts <= args.num_prompts or args.repeats < 1 or args.num_prompts < 1:
     parser.error("need 1 <= --hf_prompts <= --num_prompts and --repeats >= 1")
   if not 1 <= args.check_prompts <= args.num_prompts or args.check_tokens < 1:

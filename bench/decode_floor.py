@@ -206,6 +206,53 @@ def format_table(figures: dict[str, Any]) -> str:
           f"run: {figures['run']}")
 
 
+def slot_floors(run: dict[str, Any], config: bloom.BloomConfig, limits: dict[str, float], repeats: int
+                ) -> dict[str, Any]:
+  """A `--lengths lognormal` run: the floor (kernels in turn) of ours with slots and of the static batches, from
+  the row-steps and cache columns each computed, next to what the run measured.
+
+  slots: its steps' matmuls at B rows + the cache columns its attention read (every slot its tier's window) at the
+  bandwidth, and the same with only the live columns (a ragged kernel); static: every batch's steps at its rows,
+  each phase's cache length; prefills of every prompt at the peak on both sides."""
+  peak, bandwidth = limits["matmul_flops_per_s"], limits["bandwidth_bytes_per_s"]
+  column = cache_bytes(config, 1, 1)
+  slots, static, b = run["slots"], run["static"], run["slots_count"]
+  prefills = run["prompts"] * prefill_flops(config, 1, run["prompt_bucket"]) / peak
+  matmul_s = step_matmuls(config, b, repeats)
+  figures = {
+      "slots_floor_s": prefills + slots["steps"] * matmul_flops(config, b) / peak + slots["columns_read"] * column
+      / bandwidth,
+      "slots_ragged_floor_s": prefills + slots["steps"] * matmul_flops(config, b) / peak
+      + slots["live_columns"] * column / bandwidth,
+      "slots_xla_matmuls_s": slots["steps"] * matmul_s, "static_floor_s": prefills, "static_xla_matmuls_s": 0.0,
+      "slots_row_steps": slots["row_steps"], "static_row_steps": static["row_steps"],
+      "slots_occupancy": slots["occupancy"], "static_occupancy": static["occupancy"],
+      "slots_s": slots["seconds"], "static_s": static["seconds"], "matmul_ms_at_slots": matmul_s * 1e3}
+  for rows, length, new_tokens in static["batches"]:
+    ends = [end for end in run["phase_ends"] if end < new_tokens] + [new_tokens]
+    for end, steps in phases(ends):
+      figures["static_floor_s"] += steps * (matmul_flops(config, rows) / peak
+                                            + cache_bytes(config, rows, length + end) / bandwidth)
+    figures["static_xla_matmuls_s"] += (new_tokens - 1) * (matmul_s if rows == b else step_matmuls(config, rows, 3))
+  return figures
+
+
+def format_slot_table(figures: dict[str, Any], limits: dict[str, float]) -> str:
+  f = figures
+  rows = [("", "row-steps", "occupancy", "floor, kernels in turn (s)", "XLA's step matmuls alone (s)",
+           "measured (s)"),
+          ("ours, slots", f"{f['slots_row_steps']:,}", f"{f['slots_occupancy']:.1%}", f"{f['slots_floor_s']:.1f}"
+           f" (live columns only: {f['slots_ragged_floor_s']:.1f})", f"{f['slots_xla_matmuls_s']:.1f}",
+           f"{f['slots_s']:.1f}"),
+          ("ours, static batches", f"{f['static_row_steps']:,}", f"{f['static_occupancy']:.1%}",
+           f"{f['static_floor_s']:.1f}", f"{f['static_xla_matmuls_s']:.1f}", f"{f['static_s']:.1f}"),
+          ("static / slots", f"{f['static_row_steps'] / f['slots_row_steps']:.2f}x", "",
+           f"{f['static_floor_s'] / f['slots_floor_s']:.2f}x", "", f"{f['static_s'] / f['slots_s']:.2f}x")]
+  return (markdown_table(rows) + f"\n\nbandwidth {limits['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul peak "
+          f"{limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; step matmuls at the slot count "
+          f"{f['matmul_ms_at_slots']:.2f} ms")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   args = parse_args(argv)
   with open(args.run, encoding="utf-8") as file:
@@ -213,6 +260,14 @@ def main(argv: Optional[list[str]] = None) -> int:
   shape = run["config"]
   config = bloom.BloomConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                              num_layers=shape["num_layers"], num_heads=shape["num_heads"], scan_layers=False)
+  if run.get("lengths") == "lognormal":
+    limits = machine_limits(args.repeats)
+    figures = {"limits": limits, **slot_floors(run, config, limits, args.repeats), "cpu": cpu_model()}
+    print(format_slot_table(figures, limits))
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as out:
+        json.dump(figures, out, indent=2)
+    return 0
   before = cpu_seconds()
   limits = machine_limits(args.repeats)
   measured = measure_kernels(run, config, args.repeats)

@@ -83,11 +83,15 @@ class Finished:
 
 @dataclasses.dataclass
 class EngineStats:
-  """Row-steps the engine computed and the tokens they kept (occupancy = kept / row_steps)."""
+  """Row-steps the engine computed and the tokens they kept (occupancy = kept / row_steps); cache columns the steps'
+  attention read (every slot its tier's window) and the live ones among them (every active row up to its own
+  column: what a ragged kernel would read)."""
 
   steps: int = 0
   row_steps: int = 0
   kept: int = 0
+  columns_read: int = 0
+  live_columns: int = 0
   prefills: int = 0
   prefilled_prompts: int = 0
   moves: int = 0
@@ -151,7 +155,7 @@ class Engine:
 
   Args:
     model, params: the teacher (run per layer: `decoding.per_layer`).
-    config: decoding settings (`first_phase_tokens` / `phase_growth` do not apply: a tier's length is fixed).
+    config: decoding settings (`first_phase_tokens` / `phase_growth` do not apply: the windows grow instead).
     slots: B, the rows of every step (a multiple of the data-parallel mesh size).
     max_prompt_length: the longest prompt; prompts are left-padded to `decoding.bucket_length` buckets.
     tiers: (slots, nominal length in cache columns) per tier, shortest first (default: one tier; see
@@ -350,12 +354,13 @@ class Engine:
     rows = jnp.arange(self.slots)
 
     def cond(carry):
-      step, state, _ = carry
+      step, state, _, _ = carry
       return (step < self.steps_per_call) & jnp.any(state["live"] & ~state["done"] & (state["columns"] < capacity))
 
     def body(carry):
-      step, state, kept = carry
+      step, state, kept, live = carry
       active = state["live"] & ~state["done"] & (state["columns"] < capacity)
+      live = live + jnp.sum(jnp.where(active, state["columns"] + 1, 0))
       hidden, new = self.model.apply({"params": params, "cache": state["cache"]}, state["token"][:, None],
                                      active[:, None].astype(jnp.int32), decode=True, hidden_only=True,
                                      mutable=["cache"])
@@ -371,17 +376,19 @@ class Engine:
       state = {"cache": new["cache"], "token": token, "length": length, "limit": state["limit"], "done": done,
                "live": state["live"],
                "columns": state["columns"] + active, "keys": state["keys"], "out": out}
-      return step + 1, state, kept + jnp.sum(active)
+      return step + 1, state, kept + jnp.sum(active), live
 
-    steps, state, kept = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, jnp.zeros((), jnp.int32)))
-    view = {"steps": steps, "kept": kept, "out": state["out"], "length": state["length"], "done": state["done"],
-            "columns": state["columns"]}
+    zero = jnp.zeros((), jnp.int32)
+    steps, state, kept, live = jax.lax.while_loop(cond, body, (zero, state, zero, zero))
+    view = {"steps": steps, "kept": kept, "live_columns": live, "out": state["out"], "length": state["length"],
+            "done": state["done"], "columns": state["columns"]}
     return state, view
 
   def _call(self, name: str, fn, *args, **static):
     """Runs step `name` jitted (compiled once per static arguments and argument shapes), the decode state donated,
     the state's outputs sharded by their logical axes and host views replicated."""
-    shapes = tuple(getattr(x, "shape", None) for x in jax.tree.leaves(args[1:]))
+    shapes = tuple(getattr(x, "shape", None) for x in jax.tree.leaves(args[1:] if name in ("prefill", "generate")
+                                                                    else args))  # not the params
     key = (name, shapes) + tuple(sorted(static.items()))
     if key not in self._jits:
       fn = functools.partial(fn, **static)
@@ -439,6 +446,8 @@ class Engine:
     self.stats.steps += int(view["steps"])
     self.stats.row_steps += int(view["steps"]) * self.slots
     self.stats.kept += int(view["kept"])
+    self.stats.live_columns += int(view["live_columns"])
+    self.stats.columns_read += int(view["steps"]) * int(_capacity(state["cache"]).sum())
     return state, view
 
   def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
