@@ -90,6 +90,7 @@ def run_slots(slots: engine.Engine, rows, targets) -> dict[str, Any]:
     for request in requests:
       yield request
     entered.update(dataclass_copy(slots.stats).__dict__)  # the last prompt was pulled
+    entered["seconds"], entered["compile_s"] = time.perf_counter() - start, COMPILES.seconds
   start = time.perf_counter()
   outputs = {f.key: len(f.ids) for f in slots.run(tracked())}
   wall = time.perf_counter() - start
@@ -101,6 +102,7 @@ def run_slots(slots: engine.Engine, rows, targets) -> dict[str, Any]:
           "steps": stats.steps - before.steps, "occupancy": (stats.kept - before.kept) / (
               stats.row_steps - before.row_steps),
           "steady_occupancy": (entered["kept"] - before.kept) / max(steady_row_steps, 1),
+          "steady_tokens_per_s": (entered["kept"] - before.kept) / (entered["seconds"] - entered["compile_s"]),
           "prefills": stats.prefills - before.prefills, "moves": stats.moves - before.moves,
           "row_steps": stats.row_steps - before.row_steps, "columns_read": stats.columns_read - before.columns_read,
           "live_columns": stats.live_columns - before.live_columns}
@@ -255,7 +257,8 @@ def run(args) -> int:
       f"| HF generate, batch {best['batch_size']} (best of {args.hf_batch_sizes}) | {rate(best):.1f} | "
       f"{best['seconds']:.1f} | {best['tokens']} |",
       f"| HF generate, batch 1 (release) | {rate(release):.1f} | {release['seconds']:.1f} | {release['tokens']} |",
-      "", f"occupancy: slots {ours['occupancy']:.1%} (until the last prompt entered {ours['steady_occupancy']:.1%}), "
+      "", f"occupancy: slots {ours['occupancy']:.1%} (until the last prompt entered {ours['steady_occupancy']:.1%}, "
+      f"{ours['steady_tokens_per_s']:.1f} tokens/s from the steps), "
       f"static {static['occupancy']:.1%}; slots: {ours['steps']} steps, {ours['prefills']} prefills, "
       f"{ours['moves']} moves", last])
   publish(figures, table, args.json)

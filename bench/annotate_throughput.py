@@ -1,5 +1,9 @@
 """Annotation throughput: teacherlm-jax's annotation loop vs the official release's Hugging Face `generate` loop.
 
+`--lengths lognormal` (the default): EOS-terminated outputs of long-tailed lengths, ours with slots (the
+continuous-batching engine), ours with static batches, batched HF `generate` and the release's batch-1 loop; see
+`annotate_lognormal.py`. `--lengths fixed`, what follows: every prompt exactly `--new_tokens` tokens.
+
 Both run in one process, on the same weights, the same prompts and the same number of new tokens, in float32 on
 the CPU:
 
@@ -29,7 +33,7 @@ the CPU:
 torch uses as many intra-op threads as the machine has cores (`torch.set_num_threads`); XLA's CPU backend uses
 every core by default.
 
-  python bench/annotate_throughput.py [--hidden_size 512 --num_layers 8 --num_heads 8 --vocab_size 32000]
+  python bench/annotate_throughput.py --lengths fixed [--hidden_size 512 --num_layers 8 --num_heads 8 --vocab_size 32000]
       [--num_prompts 64 --new_tokens 256 --batch_size 32 --hf_prompts 16 --repeats 2]
       [--first_phase_tokens N --phase_growth G] [--json OUT]
 

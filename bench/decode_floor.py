@@ -19,7 +19,7 @@ Then it adds these up over the run's batches, phases and steps into
     a step does (LayerNorms, GeLU, cache writes, sampling);
 and prints both next to ours and the peer as measured in that run, with the ratio each would give.
 
-  python bench/annotate_throughput.py --json annotate.json
+  python bench/annotate_throughput.py --lengths fixed --json annotate.json   (or a --lengths lognormal run)
   python bench/decode_floor.py annotate.json [--repeats 30] [--json OUT]
 """
 

@@ -21,8 +21,9 @@ own live range (that needs a ragged / paged attention kernel, e.g. Pallas's ragg
 FlashDecoding-style kernel on GPU, which this engine does not use). What the engine does instead, on every
 backend, to keep the columns read close to the live ones:
   - windows: each tier's cache is only as long as its longest row needs for the next call (`window_bucket`: the
-    columns in use + `steps_per_call`, rounded up to two sizes per power of two), grown by padding when a row needs
-    more and cut when every row fits in half; each window size compiles its own `generate` once.
+    columns in use + `steps_per_call`, rounded up to two sizes per power of two, or the tier's nominal length when
+    that holds them), grown by padding when a row needs more and cut when every row fits in half; each window size
+    compiles its own `generate` once.
   - tiers (`tiers`, optional): slot groups, each with its own window and a nominal length; new prompts go to the
     first tier with a free slot; a row about to pass its tier's nominal length moves up, into a free slot or by
     swapping with a row of the higher tier that still fits below (a copy of the shorter window's columns, once).
@@ -579,11 +580,17 @@ class _HostLoop:
     return state
 
   def fit_windows(self, state):
-    """Every tier's window grown to its longest row + one call, or cut to half or less when that fits."""
+    """Every tier's window grown to its longest row + one call, or cut to half or less when that fits; a tier whose
+    rows fit in its nominal length gets at most that length."""
     for tier in range(len(self.engine.tiers)):
       used = [int(self.columns[s]) for s in self.tier_slots(tier) if self.rows[s] is not None]
-      want = window_bucket(max(used, default=1) + self.engine.steps_per_call, self.engine.full_length)
-      if want > self.windows[tier] or want <= self.windows[tier] // 2:
+      needed = max(used, default=1) + self.engine.steps_per_call
+      want = window_bucket(needed, self.engine.full_length)
+      nominal = self.engine.tiers[tier][1]
+      back = needed <= nominal < self.windows[tier]  # rows that made it grow past its nominal length have left
+      if needed <= nominal:
+        want = min(want, nominal)
+      if want > self.windows[tier] or want <= self.windows[tier] // 2 or back:
         state = self.resize(state, tier, want)
     return state
 

@@ -107,11 +107,12 @@ def test_engines_slots_tiers_batch_size_and_phases_do_not_change_the_output(refe
 
 def test_k_samples_from_one_prefill_equal_k_separate_streams(reference, tmp_path):
   config, _ = reference
-  sampled = dataclasses.replace(config, temperature=1.0, seed=5, teachers=config.teachers[:1], chunk_size=30)
+  sampled = dataclasses.replace(config, input=annotation_inputs.InputSpec(_input_file(tmp_path / "in.jsonl", 4, 3)),
+                                temperature=1.0, seed=5, teachers=config.teachers[:1], chunk_size=4)
   summary = annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "k3"), num_samples=3), VOCABULARY)
   records = _lines(summary.output)
   assert [r["provenance"]["sample"] for r in records[:6]] == [0, 1, 2, 0, 1, 2]
-  assert summary.annotated == 3 * len(_lines(reference[1].output))
+  assert summary.annotated == 3 * 7 and summary.rejected == 2
   # Sample 0 is the one-sample stream; sample k >= 1 draws as the engine's stream (index, k) alone would.
   single = _lines(annotate.run(dataclasses.replace(sampled, output_dir=str(tmp_path / "k1")), VOCABULARY).output)
   assert [r["cot"] for r in records if r["provenance"]["sample"] == 0] == [r["cot"] for r in single]

@@ -110,7 +110,7 @@ def rounds(tmp_path_factory, student):
   held_out = _write(root / "held_out.jsonl", [_problem("Water is dry.", "B"), _problem("Grass is green.", "A")])
   config = lbt.LbtConfig(input=annotation_inputs.InputSpec(problems), output_dir=str(root / "run"),
                          teacher=("cot", str(root / "teacher")), students=(student,), num_candidates=2, exam_size=2,
-                         max_new_tokens=12, batch_size=8, max_input_length=160, max_length=512)
+                         max_new_tokens=12, batch_size=8, max_input_length=160, max_length=512, seed=1)
   dpo_settings = {"train_steps": 2, "beta": 0.5, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0,
                   "sequence_length": 96}
   history = lbt.iterate(config, 2, dpo_settings, annotation_inputs.InputSpec(held_out))

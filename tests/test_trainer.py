@@ -54,11 +54,10 @@ def _run(mesh_shape, steps, batch, accumulation_steps=1, optimizer_config=None, 
   return state, losses, metrics
 
 
-def test_three_mesh_shapes_give_the_same_loss_trajectory():
+def test_two_mesh_shapes_give_the_same_loss_trajectory():
   batch = _batch(packed=True)
-  trajectories = [_run(shape, 10, batch)[1] for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]]
+  trajectories = [_run(shape, 8, batch)[1] for shape in [(8, 1, 1), (2, 2, 2)]]
   np.testing.assert_allclose(trajectories[1], trajectories[0], atol=1e-5)
-  np.testing.assert_allclose(trajectories[2], trajectories[0], atol=1e-5)
   assert trajectories[0][-1] < trajectories[0][0] - 0.3  # it learns
 
 
