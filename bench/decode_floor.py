@@ -248,7 +248,9 @@ def format_slot_table(figures: dict[str, Any], limits: dict[str, float]) -> str:
            f"{f['static_floor_s']:.1f}", f"{f['static_xla_matmuls_s']:.1f}", f"{f['static_s']:.1f}"),
           ("static / slots", f"{f['static_row_steps'] / f['slots_row_steps']:.2f}x", "",
            f"{f['static_floor_s'] / f['slots_floor_s']:.2f}x", "", f"{f['static_s'] / f['slots_s']:.2f}x")]
-  return (markdown_table(rows) + f"\n\nbandwidth {limits['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul peak "
+  lines = [f"| {' | '.join(row)} |" for row in rows]
+  lines.insert(1, "| --- |" + " ---: |" * (len(rows[0]) - 1))
+  return ("\n".join(lines) + f"\n\nbandwidth {limits['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul peak "
           f"{limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; step matmuls at the slot count "
           f"{f['matmul_ms_at_slots']:.2f} ms")
 

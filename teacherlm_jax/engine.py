@@ -573,7 +573,9 @@ class _HostLoop:
         if not fits:
           continue
         target = min(fits, key=lambda s: (self.rows[s] is not None, self.columns[s], s))
-        state = self.grow(state, tier + 1, int(self.columns[slot]) + n)
+        state = self.grow(state, tier + 1, int(self.columns[slot]) + n)  # both windows hold both rows
+        if self.rows[target] is not None:
+          state = self.grow(state, tier, int(self.columns[target]) + n)
         state = engine.swap(state, slot, target)
         self.rows[slot], self.rows[target] = self.rows[target], self.rows[slot]
         self.columns[slot], self.columns[target] = self.columns[target], self.columns[slot]
