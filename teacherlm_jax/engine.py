@@ -317,7 +317,7 @@ class Engine:
     done = ((token == self.config.eos_id) | _stop_matched(out[None], jnp.ones((1,), jnp.int32),
                                                           self.config.stop_sequences)[0]
             | (limit <= 1))
-    prompt_columns = _prompt_columns(prefilled)
+    prompt_columns = _first_variable(prefilled, "index")  # the columns the prefill used
     return {"cache": cache, "token": state["token"].at[slot].set(token),
             "length": state["length"].at[slot].set(1), "limit": state["limit"].at[slot].set(limit),
             "done": state["done"].at[slot].set(done),
@@ -457,46 +457,26 @@ class Engine:
     yield from loop.run()
 
 
+def _first_variable(cache: dict, name: str) -> Any:
+  """The first layer's cache variable `name` (every layer's has the same shapes, and the same `index`)."""
+  for key, value in cache.items():
+    if isinstance(value, dict):
+      found = _first_variable(value, name)
+      if found is not None:
+        return found
+    elif key == name:
+      return value
+  return None
+
+
 def windows_of(state: dict) -> tuple[int, ...]:
   """The cache length of every tier of a decode state."""
-  found = []
-
-  def look(node):
-    for name, value in node.items():
-      if isinstance(value, dict):
-        look(value)
-      elif name == "key" and not found:
-        found.append(tuple(int(array.shape[2]) for array in value))
-  look(dict(state["cache"]))
-  return found[0]
+  return tuple(int(array.shape[2]) for array in _first_variable(state["cache"], "key"))
 
 
 def _capacity(cache: dict) -> np.ndarray:
   """[B] the cache columns of every slot's tier (static: from the shapes)."""
-  found = []
-
-  def look(node):
-    for name, value in node.items():
-      if isinstance(value, dict):
-        look(value)
-      elif name == "key" and not found:
-        found.append(np.concatenate([np.full(a.shape[0], a.shape[2], np.int32) for a in value]))
-  look(dict(cache))
-  return found[0]
-
-
-def _prompt_columns(prefilled: dict) -> jax.Array:
-  """The cache columns a prefill used (its scalar `index`, the same in every layer)."""
-  found = []
-
-  def look(node):
-    for name, value in node.items():
-      if isinstance(value, dict):
-        look(value)
-      elif name == "index" and not found:
-        found.append(value)
-  look(dict(prefilled))
-  return found[0]
+  return np.concatenate([np.full(a.shape[0], a.shape[2], np.int32) for a in _first_variable(cache, "key")])
 
 
 class _HostLoop:
