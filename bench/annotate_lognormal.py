@@ -104,7 +104,7 @@ def run_slots(slots: engine.Engine, rows, targets) -> dict[str, Any]:
           "steady_occupancy": (entered["kept"] - before.kept) / max(steady_row_steps, 1),
           "steady_tokens_per_s": (entered["kept"] - before.kept) / (entered["seconds"] - entered["compile_s"]),
           "prefills": stats.prefills - before.prefills, "moves": stats.moves - before.moves,
-          "row_steps": stats.row_steps - before.row_steps, "columns_read": stats.columns_read - before.columns_read,
+          "compactions": stats.compactions - before.compactions, "row_steps": stats.row_steps - before.row_steps, "columns_read": stats.columns_read - before.columns_read,
           "live_columns": stats.live_columns - before.live_columns}
 
 
@@ -260,7 +260,7 @@ def run(args) -> int:
       "", f"occupancy: slots {ours['occupancy']:.1%} (until the last prompt entered {ours['steady_occupancy']:.1%}, "
       f"{ours['steady_tokens_per_s']:.1f} tokens/s from the steps), "
       f"static {static['occupancy']:.1%}; slots: {ours['steps']} steps, {ours['prefills']} prefills, "
-      f"{ours['moves']} moves", last])
+      f"{ours['moves']} moves, {ours['compactions']} compactions", last])
   publish(figures, table, args.json)
   return 0
 

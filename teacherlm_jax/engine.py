@@ -29,6 +29,9 @@ backend, to keep the columns read close to the live ones:
     swapping with a row of the higher tier that still fits below (a copy of the shorter window's columns, once).
     With long-tailed outputs the few long rows then share one tier and the short rows' tier stays short; where no
     row can move, the lower tier's window grows (nothing pauses).
+  - compaction: once every request has entered, the rows left move into a one-tier state of half the slots (or
+    fewer, `decoding.batch_rows`) whenever they fit, so the last long rows of a run do not keep every slot
+    computing; each smaller state compiles its own `generate`.
 
 **Same outputs.** A row samples step t with `fold_in(row_key, t)`, `row_key = fold_in(PRNGKey(seed), stream)` (the
 record's index), exactly as `decoding.generate`; sample k >= 1 of a prompt (`Request.samples`) uses
@@ -58,6 +61,7 @@ from teacherlm_jax import decoding, partitioning
 from teacherlm_jax.models import common, registry
 
 SAMPLE_STREAM_OFFSET = 2 ** 31
+TIERED = ("key", "value", "positions", "segment_ids")  # slot cache variables held per tier
 SLOT_FIELDS = ("token", "length", "limit", "done", "live", "columns", "keys", "out")
 
 
@@ -96,6 +100,7 @@ class EngineStats:
   prefills: int = 0
   prefilled_prompts: int = 0
   moves: int = 0
+  compactions: int = 0
 
   @property
   def occupancy(self) -> float:
@@ -149,6 +154,17 @@ def _map_cache(fn, cache: dict, *others: dict) -> dict:
     return {name: (walk(value, *(r[name] for r in rest)) if isinstance(value, dict) else
                    fn(name, value, *(r[name] for r in rest))) for name, value in node.items()}
   return walk(dict(cache), *(dict(o) for o in others))
+
+
+def _tier(cache: dict, tier: int) -> dict:
+  """One tier's arrays of every layer's slot cache (the other variables as empty leaves)."""
+  return _map_cache(lambda name, leaf: leaf[tier] if name in TIERED else (), cache)
+
+
+def _with_tier(cache: dict, tier: int, arrays: dict) -> dict:
+  """`cache` with one tier's arrays replaced by `arrays` (as `_tier` gives them)."""
+  return _map_cache(lambda name, leaf, new: leaf[:tier] + (new,) + leaf[tier + 1:] if name in TIERED else leaf,
+                    cache, arrays)
 
 
 class Engine:
@@ -216,6 +232,10 @@ class Engine:
     return jax.tree.map(self._sharding, self._state_axes(state), is_leaf=lambda x: isinstance(x, tuple) and (
         not x or not isinstance(x[0], tuple)))
 
+  def _tier_shardings(self, arrays: dict) -> Any:
+    return _map_cache(lambda name, leaf: self._sharding(common.CACHE_LOGICAL_AXES[name]) if name in TIERED else (),
+                      arrays)
+
   def _replicated(self):
     return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
@@ -265,21 +285,16 @@ class Engine:
     with self._context():
       return jax.jit(fn, out_shardings=self._state_shardings(jax.eval_shape(fn)))()
 
-  def _resize(self, state, *, windows: tuple[int, ...]):
-    """`state` with each tier's cache padded or cut to its window (cut columns must be unused)."""
-    def resize(name, leaf):
-      if name not in ("key", "value", "positions", "segment_ids"):
-        return leaf
-      arrays = []
-      for array, window in zip(leaf, windows):
-        axis = 2 if array.ndim == 4 else 1
-        if window <= array.shape[axis]:
-          arrays.append(jax.lax.slice_in_dim(array, 0, window, axis=axis))
-        else:
-          arrays.append(jnp.pad(array, [(0, window - array.shape[axis]) if i == axis else (0, 0)
-                                        for i in range(array.ndim)]))
-      return tuple(arrays)
-    return {**state, "cache": _map_cache(resize, state["cache"])}
+  def _resize(self, arrays, *, window: int):
+    """One tier's cache arrays (`_tier`) padded or cut to `window` columns (cut columns must be unused)."""
+    def resize(name, array):
+      if name not in TIERED:
+        return array
+      axis = 2 if array.ndim == 4 else 1
+      if window <= array.shape[axis]:
+        return jax.lax.slice_in_dim(array, 0, window, axis=axis)
+      return jnp.pad(array, [(0, window - array.shape[axis]) if i == axis else (0, 0) for i in range(array.ndim)])
+    return _map_cache(resize, arrays)
 
   def _context(self):
     return partitioning.activation_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
@@ -301,7 +316,7 @@ class Engine:
     row = slot - self.offsets[tier]
 
     def copy(name, slot_leaf, pre_leaf):
-      if name in ("key", "value", "positions", "segment_ids"):
+      if name in TIERED:
         update = jax.lax.dynamic_slice_in_dim(pre_leaf, prompt, 1, axis=0)
         tiers = list(slot_leaf)
         start = (row,) + (0,) * (update.ndim - 1)
@@ -324,35 +339,68 @@ class Engine:
             "live": state["live"].at[slot].set(True), "columns": state["columns"].at[slot].set(prompt_columns),
             "keys": state["keys"].at[slot].set(key[0]), "out": state["out"].at[slot].set(out)}
 
-  def _swap(self, state, a, b, *, tiers: tuple[int, int]):
-    """Swaps the rows of slots a (tier tiers[0]) and b (tier tiers[1]): the first min(length) cache columns and
-    every per-slot value. Both rows must fit in the shorter tier (the host checks)."""
+  def _rows(self, state, a, b, *, tiers: tuple[int, int]):
+    """The cache rows of slots a (tier tiers[0]) and b (tier tiers[1]), their first min(window) columns."""
     ta, tb = tiers
     ra, rb = a - self.offsets[ta], b - self.offsets[tb]
 
-    def swap(name, leaf):
-      if name in ("key", "value", "positions", "segment_ids"):
-        arrays = list(leaf)
-        ya = jax.lax.dynamic_slice_in_dim(arrays[ta], ra, 1, axis=0)
-        yb = jax.lax.dynamic_slice_in_dim(arrays[tb], rb, 1, axis=0)
-        axis = 2 if ya.ndim == 4 else 1
-        width = min(arrays[ta].shape[axis], arrays[tb].shape[axis])
-        ya, yb = (jax.lax.slice_in_dim(y, 0, width, axis=axis) for y in (ya, yb))
-        start = lambda r: (r,) + (0,) * (ya.ndim - 1)
-        arrays[ta] = jax.lax.dynamic_update_slice(arrays[ta], yb, start(ra))
-        arrays[tb] = jax.lax.dynamic_update_slice(arrays[tb], ya, start(rb))
-        return tuple(arrays)
-      return leaf.at[a].set(leaf[b]).at[b].set(leaf[a])
-    swapped = {"cache": _map_cache(swap, state["cache"])}
+    def rows(name, leaf):
+      if name not in TIERED:
+        return leaf[jnp.stack([a, b])]
+      axis = 2 if leaf[ta].ndim == 4 else 1
+      width = min(leaf[ta].shape[axis], leaf[tb].shape[axis])
+      return tuple(jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(leaf[t], r, 1, axis=0), 0, width, axis=axis)
+                   for t, r in ((ta, ra), (tb, rb)))
+    return _map_cache(rows, state["cache"])
+
+  def _swap(self, state, rows, a, b, *, tiers: tuple[int, int]):
+    """Writes the rows `_rows` read from slots a and b back crosswise, and swaps every per-slot value. Both rows
+    must fit in the shorter tier (the host checks). Rows are read by a separate call: a program that reads one tier
+    while writing the other makes XLA copy both tiers whole."""
+    ta, tb = tiers
+    ra, rb = a - self.offsets[ta], b - self.offsets[tb]
+
+    def swap(name, leaf, read):
+      if name not in TIERED:
+        return leaf.at[a].set(read[1]).at[b].set(read[0])
+      arrays = list(leaf)
+      start = lambda r: (r,) + (0,) * (arrays[0].ndim - 1)
+      arrays[ta] = jax.lax.dynamic_update_slice(arrays[ta], read[1], start(ra))
+      arrays[tb] = jax.lax.dynamic_update_slice(arrays[tb], read[0], start(rb))
+      return tuple(arrays)
+    swapped = {"cache": _map_cache(swap, state["cache"], rows)}
     for name in SLOT_FIELDS:
       swapped[name] = state[name].at[a].set(state[name][b]).at[b].set(state[name][a])
     return swapped
+
+  def _compact(self, state, sources, live, *, tiers: tuple[int, ...], window: int):
+    """A one-tier state of len(sources) slots, slot i holding the row of slot sources[i] (the state's tiers are
+    `tiers` slots long), its cache cut or padded to `window` columns; slots where `live` is False are idle."""
+    offsets = np.cumsum((0,) + tiers)
+    tier = jnp.searchsorted(jnp.asarray(offsets[1:]), sources, side="right")
+
+    def gather(name, leaf):
+      if name not in TIERED:
+        return leaf[sources]
+      picked = None
+      for t, array in enumerate(leaf):
+        rows = jnp.clip(sources - offsets[t], 0, array.shape[0] - 1)
+        taken = self._resize({name: array[rows]}, window=window)[name]
+        match = (tier == t).reshape((-1,) + (1,) * (taken.ndim - 1))
+        picked = taken if picked is None else jnp.where(match, taken, picked)
+      return (picked,)
+    compacted = {"cache": _map_cache(gather, state["cache"])}
+    for name in SLOT_FIELDS:
+      compacted[name] = state[name][sources]
+    compacted["live"] = compacted["live"] & live
+    compacted["done"] = compacted["done"] | ~live
+    return compacted
 
   def _generate(self, params, state):
     """Up to `steps_per_call` steps of every slot; returns (state, host view)."""
     config, capacity = self.config, jnp.asarray(_capacity(state["cache"]))
     head_kernel = registry.head_kernel(self.model.config, params)
-    rows = jnp.arange(self.slots)
+    rows = jnp.arange(state["token"].shape[0])
 
     def cond(carry):
       step, state, _, _ = carry
@@ -393,15 +441,15 @@ class Engine:
     key = (name, shapes) + tuple(sorted(static.items()))
     if key not in self._jits:
       fn = functools.partial(fn, **static)
-      donate = {"prefill": (), "resize": (), "generate": (1,)}.get(name, (0,))  # resize changes the shapes
-      if self.mesh is None:
+      donate = {"prefill": (), "rows": (), "resize": (), "compact": (), "generate": (1,)}.get(name, (0,))  # new shapes
+      if self.mesh is None or name == "rows":
         jitted = jax.jit(fn, donate_argnums=donate)
       elif name == "prefill":
         jitted = jax.jit(fn, in_shardings=(self._params_shardings(), None, None))
       else:
         out = jax.eval_shape(fn, *args)
         outs = ((self._state_shardings(out[0]), self._replicated()) if name == "generate"
-                else self._state_shardings(out))
+                else self._tier_shardings(out) if name == "resize" else self._state_shardings(out))
         jitted = jax.jit(fn, donate_argnums=donate, out_shardings=outs)
       self._jits[key] = jitted
     with self._context():
@@ -434,18 +482,36 @@ class Engine:
     self.stats.moves += 1
     scalars = self._host((np.asarray(a, np.int32), np.asarray(b, np.int32)), [(), ()])
     tiers = (int(self.tier_of[a]), int(self.tier_of[b]))
-    return self._call("swap", self._swap, state, *scalars, tiers=tiers)
+    rows = self._call("rows", self._rows, state, *scalars, tiers=tiers)
+    return self._call("swap", self._swap, state, rows, *scalars, tiers=tiers)
 
   def resize(self, state, windows: Sequence[int]):
-    """`state` with these tier windows (cache lengths)."""
-    return self._call("resize", self._resize, state, windows=tuple(int(w) for w in windows))
+    """`state` with these tier windows (cache lengths). Only the tiers that change are copied."""
+    cache = state["cache"]
+    for tier, (old, new) in enumerate(zip(windows_of(state), windows)):
+      if old != new:
+        arrays = self._call("resize", self._resize, _tier(cache, tier), window=int(new))
+        cache = _with_tier(cache, tier, arrays)
+    return {**state, "cache": cache}
+
+  def compact(self, state, keep: Sequence[int], window: int):
+    """A smaller one-tier state holding the rows of slots `keep` (in that order, then idle slots up to
+    `decoding.batch_rows`), its window `window` columns: for the end of a run, when no request is left to insert
+    and most slots are idle (fewer rows, fewer row-steps). Inserts and swaps assume the engine's own tiers, so they
+    do not apply to a compacted state."""
+    slots = decoding.batch_rows(len(keep), len(state["token"]), self.row_multiple)
+    sources = np.asarray(list(keep) + [keep[0]] * (slots - len(keep)), np.int32)
+    live = np.arange(slots) < len(keep)
+    arrays = self._host((sources, live), [("batch",), ("batch",)])
+    self.stats.compactions += 1
+    return self._call("compact", self._compact, state, *arrays, tiers=_tier_rows(state), window=int(window))
 
   def generate(self, state):
     """(state, numpy view) after one `generate` call of up to `steps_per_call` steps."""
     state, view = self._call("generate", self._generate, self.params, state)
     view = self._to_numpy(view)
     self.stats.steps += int(view["steps"])
-    self.stats.row_steps += int(view["steps"]) * self.slots
+    self.stats.row_steps += int(view["steps"]) * len(view["done"])
     self.stats.kept += int(view["kept"])
     self.stats.live_columns += int(view["live_columns"])
     self.stats.columns_read += int(view["steps"]) * int(_capacity(state["cache"]).sum())
@@ -469,6 +535,11 @@ def _first_variable(cache: dict, name: str) -> Any:
   return None
 
 
+def _tier_rows(state: dict) -> tuple[int, ...]:
+  """The slots of each tier of a decode state."""
+  return tuple(int(array.shape[0]) for array in _first_variable(state["cache"], "segment_ids"))
+
+
 def windows_of(state: dict) -> tuple[int, ...]:
   """The cache length of every tier of a decode state."""
   return tuple(int(array.shape[2]) for array in _first_variable(state["cache"], "key"))
@@ -489,14 +560,17 @@ class _HostLoop:
     self.columns = np.zeros(engine.slots, np.int64)
     self.pending: collections.deque = collections.deque()  # (prefill handle, prompt row, request, sample)
     self.windows: list[int] = []
+    self.tiers = list(engine.tiers)  # (slots, nominal length): the engine's, one tier once compacted
 
   def tier_slots(self, tier: int) -> range:
-    return range(self.engine.offsets[tier], self.engine.offsets[tier + 1])
+    start = sum(n for n, _ in self.tiers[:tier])
+    return range(start, start + self.tiers[tier][0])
 
   def pull(self, wanted: int) -> None:
-    """Prefills enough new requests for `wanted` more samples (all of them in one bucket)."""
-    batch = []
-    while wanted > 0 and not self.exhausted:
+    """Prefills enough new requests for `wanted` more samples, in one bucket filled with real requests: a bucket
+    computes a power of two of rows (`decoding.batch_rows`), and the requests beyond `wanted` wait in `pending`."""
+    batch, rows = [], 0
+    while (wanted > 0 or len(batch) < rows) and not self.exhausted:
       request = next(self.requests, None)
       if request is None:
         self.exhausted = True
@@ -505,6 +579,7 @@ class _HostLoop:
         raise ValueError(f"request {request.key!r} asks for {request.samples} samples")
       batch.append(request)
       wanted -= request.samples
+      rows = decoding.batch_rows(len(batch), self.engine.slots, self.engine.row_multiple)
     if batch:
       handle = self.engine.prefill([r.ids for r in batch])
       for p, request in enumerate(batch):
@@ -527,7 +602,7 @@ class _HostLoop:
 
   def fill(self, state):
     """Inserts waiting samples (pulling and prefilling new requests) into the free slots, first tier first."""
-    free = [s for s in range(self.engine.slots) if self.rows[s] is None]
+    free = [s for s, row in enumerate(self.rows) if row is None]
     if len(free) > len(self.pending):
       self.pull(len(free) - len(self.pending))
     for slot in free:
@@ -543,8 +618,8 @@ class _HostLoop:
     """Moves rows that would pass their tier's nominal length within the next call up one tier: into a free slot,
     or swapping with the shortest row there that still fits in the lower window."""
     engine, n = self.engine, self.engine.steps_per_call
-    for tier in range(len(engine.tiers) - 1):
-      nominal = engine.tiers[tier][1]
+    for tier in range(len(self.tiers) - 1):
+      nominal = self.tiers[tier][1]
       upper = self.tier_slots(tier + 1)
       for slot in self.tier_slots(tier):
         if self.rows[slot] is None or self.columns[slot] + n <= nominal:
@@ -564,16 +639,32 @@ class _HostLoop:
   def fit_windows(self, state):
     """Every tier's window grown to its longest row + one call, or cut to half or less when that fits; a tier whose
     rows fit in its nominal length gets at most that length."""
-    for tier in range(len(self.engine.tiers)):
+    for tier in range(len(self.tiers)):
       used = [int(self.columns[s]) for s in self.tier_slots(tier) if self.rows[s] is not None]
       needed = max(used, default=1) + self.engine.steps_per_call
       want = window_bucket(needed, self.engine.full_length)
-      nominal = self.engine.tiers[tier][1]
+      nominal = self.tiers[tier][1]
       back = needed <= nominal < self.windows[tier]  # rows that made it grow past its nominal length have left
       if needed <= nominal:
         want = min(want, nominal)
       if want > self.windows[tier] or want <= self.windows[tier] // 2 or back:
         state = self.resize(state, tier, want)
+    return state
+
+  def compact(self, state):
+    """Once no request is left to insert, moves the rows into a one-tier state of half the slots or fewer when
+    they fit (`Engine.compact`): the last long rows do not keep every slot computing."""
+    keep = [s for s, row in enumerate(self.rows) if row is not None]
+    if not self.exhausted or self.pending or not keep:
+      return state
+    slots = decoding.batch_rows(len(keep), len(self.rows), self.engine.row_multiple)
+    if slots > len(self.rows) // 2:
+      return state
+    window = window_bucket(int(self.columns[keep].max()) + self.engine.steps_per_call, self.engine.full_length)
+    state = self.engine.compact(state, keep, window)
+    self.rows = [self.rows[s] for s in keep] + [None] * (slots - len(keep))
+    self.columns = np.concatenate([self.columns[keep], np.zeros(slots - len(keep), np.int64)])
+    self.tiers, self.windows = [(slots, self.engine.full_length)], [window]
     return state
 
   def run(self) -> Iterator[Finished]:
@@ -584,7 +675,7 @@ class _HostLoop:
       state = self.fill(state)
       if all(row is None for row in self.rows):
         return
-      state = self.fit_windows(self.promote(state))
+      state = self.fit_windows(self.promote(self.compact(state)))
       state, view = engine.generate(state)
       self.columns[:] = view["columns"]
       for slot in np.flatnonzero(view["done"]):

@@ -65,19 +65,21 @@ def test_greedy_slots_equal_static_decoding_and_full_recomputation(tiny, eos):
       sequence.append(int(jnp.argmax(apply({"params": params}, jnp.asarray([sequence]))[0, -1])))
     assert sequence[len(PROMPTS[i]):] == static[i]
   # 3 slots for 9 prompts: most rows enter late, into slots others left at different steps; 2 steps per call; two
-  # tiers, rows moving up (one tier: the other tests).
+  # tiers, rows moving up (one tier: the other tests); the last row finishes in a compacted one-slot state.
   slots = engine.Engine(model, params, config, slots=3, max_prompt_length=64, steps_per_call=2,
                         tiers=((1, 24), (2, 80)))
   got = _run(slots, PROMPTS)
   assert {i: got[(i, 0)] for i in range(len(PROMPTS))} == static
-  assert slots.stats.prefills > 3 and slots.stats.moves > 0
+  assert slots.stats.prefills > 3 and slots.stats.moves > 0 and slots.stats.compactions == 1
 
 
 def test_a_sampled_record_is_the_same_alone_in_a_full_engine_or_inserted_late(tiny, eos):
   model, params = tiny
   config = decoding.DecodingConfig(max_new_tokens=10, eos_id=eos, temperature=1.0, top_k=20)
   prompts = PROMPTS[:6]
-  full = _run(engine.Engine(model, params, config, slots=8, max_prompt_length=64, seed=3), prompts)
+  full_engine = engine.Engine(model, params, config, slots=8, max_prompt_length=64, seed=3, steps_per_call=2)
+  full = _run(full_engine, prompts)
+  assert full_engine.stats.compactions >= 1  # the last rows carried into fewer slots as the others finish
   late = _run(engine.Engine(model, params, config, slots=2, max_prompt_length=64, seed=3, steps_per_call=3),
               prompts)
   assert full == late
@@ -99,7 +101,7 @@ def test_a_slot_freed_at_step_t_holds_the_next_prompt_in_the_next_call(tiny, eos
   def observed(state):
     rows = [None if r is None else r[0].key for r in loop.rows]
     state, view = generate(state)
-    seen.append((rows, [s for s in range(2) if view["done"][s] and rows[s] is not None]))
+    seen.append((rows, [s for s in range(len(rows)) if view["done"][s] and rows[s] is not None]))
     return state, view
   slots.generate = observed
   loop = engine._HostLoop(slots, iter(engine.Request(i, p, i) for i, p in enumerate(PROMPTS[:5])))
@@ -112,7 +114,7 @@ def test_a_slot_freed_at_step_t_holds_the_next_prompt_in_the_next_call(tiny, eos
         assert next_rows[slot] == waiting, (rows, done, next_rows)
         waiting += 1
   assert waiting == 5
-  assert slots.stats.occupancy < 1.0  # the last call ran with a slot empty
+  assert slots.stats.compactions == 1 and len(seen[-1][0]) == 1  # the last row ran alone, in a one-slot state
 
 
 def test_k_samples_from_one_prefill_equal_k_separate_runs(tiny, eos):
@@ -143,11 +145,12 @@ def test_sharded_slots_on_a_mesh_equal_one_device(tiny, eos):
   shardings = partitioning.logical_shardings(
       partitioning.abstract_params(functools.partial(common.init_params, model), jax.random.key(0)), mesh)
   slots = engine.Engine(model, jax.device_put(params, shardings), config, slots=8, max_prompt_length=64, mesh=mesh,
-                        tiers=((4, 30), (4, 80)))
+                        tiers=((4, 30), (4, 80)), steps_per_call=2)
   state = slots.init_state()
   expected = nn.logical_to_mesh_axes(common.CACHE_LOGICAL_AXES["key"], partitioning.DEFAULT_LOGICAL_AXIS_RULES)
   assert all(tier.sharding.spec == expected for tier in state["cache"]["h_0"]["self_attention"]["key"])
   assert _run(slots, PROMPTS[:6]) == single
+  assert slots.stats.compactions == 1  # the last rows carried into 4 slots, sharded as before
   with pytest.raises(ValueError, match="multiple of the data-parallel mesh size 4"):
     engine.Engine(model, params, config, slots=8, max_prompt_length=64, mesh=mesh, tiers=((2, 30), (6, 80)))
 
