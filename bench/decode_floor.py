@@ -211,20 +211,20 @@ def slot_floors(run: dict[str, Any], config: bloom.BloomConfig, limits: dict[str
   """A `--lengths lognormal` run: the floor (kernels in turn) of ours with slots and of the static batches, from
   the row-steps and cache columns each computed, next to what the run measured.
 
-  slots: its steps' matmuls at B rows + the cache columns its attention read (every slot its tier's window) at the
-  bandwidth, and the same with only the live columns (a ragged kernel); static: every batch's steps at its rows,
-  each phase's cache length; prefills of every prompt at the peak on both sides."""
+  slots: its row-steps' matmuls (B rows a step, fewer once compacted) + the cache columns its attention read
+  (every slot its tier's window) at the bandwidth, and the same with only the live columns (a ragged kernel);
+  static: every batch's steps at its rows, each phase's cache length; prefills of every prompt at the peak on both
+  sides."""
   peak, bandwidth = limits["matmul_flops_per_s"], limits["bandwidth_bytes_per_s"]
   column = cache_bytes(config, 1, 1)
   slots, static, b = run["slots"], run["static"], run["slots_count"]
   prefills = run["prompts"] * prefill_flops(config, 1, run["prompt_bucket"]) / peak
   matmul_s = step_matmuls(config, b, repeats)
+  slot_matmuls = slots["row_steps"] * matmul_flops(config, 1) / peak  # compacted steps compute fewer rows
   figures = {
-      "slots_floor_s": prefills + slots["steps"] * matmul_flops(config, b) / peak + slots["columns_read"] * column
-      / bandwidth,
-      "slots_ragged_floor_s": prefills + slots["steps"] * matmul_flops(config, b) / peak
-      + slots["live_columns"] * column / bandwidth,
-      "slots_xla_matmuls_s": slots["steps"] * matmul_s, "static_floor_s": prefills, "static_xla_matmuls_s": 0.0,
+      "slots_floor_s": prefills + slot_matmuls + slots["columns_read"] * column / bandwidth,
+      "slots_ragged_floor_s": prefills + slot_matmuls + slots["live_columns"] * column / bandwidth,
+      "slots_xla_matmuls_s": slots["row_steps"] / b * matmul_s, "static_floor_s": prefills, "static_xla_matmuls_s": 0.0,
       "slots_row_steps": slots["row_steps"], "static_row_steps": static["row_steps"],
       "slots_occupancy": slots["occupancy"], "static_occupancy": static["occupancy"],
       "slots_s": slots["seconds"], "static_s": static["seconds"], "matmul_ms_at_slots": matmul_s * 1e3}

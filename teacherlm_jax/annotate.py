@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 from tasks import formats, rendering
 from teacherlm_jax import (annotation_inputs, annotation_store, checkpoints, convert, decoding, engine, partitioning,
-                           train, vocabularies)
+                           shell, vocabularies)
 
 TOO_LONG_POLICIES = ("truncate_left", "reject")
 ENGINES = ("slots", "static")
-log = train.log
+log = shell.log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,7 +472,7 @@ def report(summary: AnnotationSummary) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return train.run_entry_point(annotate, argv, report)
+  return shell.run_entry_point(annotate, argv, report)
 
 
 if __name__ == "__main__":

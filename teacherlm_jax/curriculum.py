@@ -19,9 +19,9 @@ import gin
 import jax
 from etils import epath
 
-from teacherlm_jax import checkpoints, input_pipeline, train, train_checkpoints, trainer
+from teacherlm_jax import checkpoints, input_pipeline, shell, train, train_checkpoints, trainer
 
-log = train.log
+log = shell.log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def print_summaries(summaries: list[dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return train.run_entry_point(run, argv, print_summaries)
+  return shell.run_entry_point(run, argv, print_summaries)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from teacherlm_jax import checkpoints, convert, train, vocabularies
+from teacherlm_jax import checkpoints, convert, shell, vocabularies
 from teacherlm_jax.models import common, registry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{other['greedy_continuation']!r}, round trip bit-identical: {other['export_round_trip_bit_identical']}")
     outputs[f"hf_export_{hf_dir.name}"] = other["outputs"]["hf_export"]
   if not args.skip_curriculum:
-    train.setup_logging()
+    shell.setup_logging()
     stages = run_curriculum(out / "curriculum")
     print("\n2. TeacherLM curriculum (tiny model, embedded samples): training loss per stage")
     for stage in stages:

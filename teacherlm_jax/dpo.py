@@ -30,9 +30,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, convert, partitioning, train, train_checkpoints, trainer, vocabularies
+from teacherlm_jax import checkpoints, convert, partitioning, shell, train_checkpoints, trainer, vocabularies
 
-log = train.log
+log = shell.log
 SIDES = ("chosen", "rejected")
 
 
@@ -234,7 +234,7 @@ def dpo(*, pairs: str, initial_checkpoint_path: str, model_dir: str, **settings:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   def report(metrics: dict[str, float]) -> None:
     log.info("DPO finished: %s", metrics)
-  return train.run_entry_point(dpo, argv, report)
+  return shell.run_entry_point(dpo, argv, report)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, convert, decoding, partitioning, train, vocabularies
+from teacherlm_jax import checkpoints, convert, decoding, partitioning, shell, vocabularies
 from teacherlm_jax.models import common
 
-log = train.log
+log = shell.log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   def report(result: tuple[str, dict[str, Any]]) -> None:
     if jax.process_index() == 0:
       print(markdown_table(result[1], result[0]))
-  return train.run_entry_point(evaluate, argv, report)
+  return shell.run_entry_point(evaluate, argv, report)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ from etils import epath
 
 from tasks import formats, rendering
 from teacherlm_jax import (annotate, annotation_inputs, annotation_store, checkpoints, convert, evaluate,
-                           partitioning, train)
+                           partitioning, shell)
 
-log = train.log
+log = shell.log
 STRATEGIES = ("random", "lexical")
 SELECTIONS = ("max", "weighted_vote")
 VOTE_SUFFIX = " So the answer is ("
@@ -436,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("usage: python -m teacherlm_jax.lbt {score,select,pairs,iterate} --gin_file=gin/runs/lbt.gin --gin.NAME=VALUE ...",
           file=sys.stderr)
     return 2
-  return train.run_entry_point(commands[args[0]], args[1:], print)
+  return shell.run_entry_point(commands[args[0]], args[1:], print)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def _finish(task: seqio.Task, cache_dir: str, splits: Sequence[str], num_shards:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   import argparse
-  from teacherlm_jax import train
+  from teacherlm_jax import shell
   gin_files, bindings, rest = gin_utils.split_gin_args(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="python -m teacherlm_jax.prepare", description=__doc__.split("\n")[0])
   parser.add_argument("--tasks", required=True, help="comma-separated tasks and mixtures")
@@ -278,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--num_shards", type=int, default=64, help="shard files per split (>= the reading hosts)")
   parser.add_argument("--overwrite", action="store_true", help="prepare tasks that are already cached again")
   args, beam_options = parser.parse_known_args(rest)
-  train.setup_logging()
+  shell.setup_logging()
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
   gin_utils.parse_gin(gin_files, bindings)
   prepare(args.tasks.split(","), args.output_cache_dir, args.splits.split(","), args.num_shards, beam_options,

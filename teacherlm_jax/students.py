@@ -30,9 +30,9 @@ import jax
 from etils import epath
 
 from tasks import registration, students as student_tasks
-from teacherlm_jax import curriculum, evaluate, input_pipeline, report, train, trainer
+from teacherlm_jax import curriculum, evaluate, input_pipeline, report, shell, trainer
 
-log = train.log
+log = shell.log
 RESULTS_FILE = "students_results.json"
 
 
@@ -94,7 +94,7 @@ def print_results(results: Mapping[str, Mapping[str, float]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return train.run_entry_point(run, argv, print_results)
+  return shell.run_entry_point(run, argv, print_results)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
-import signal
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import gin
 import jax
@@ -34,22 +32,14 @@ from tqdm import tqdm
 
 from tasks import config as task_config
 from tasks import sources as task_sources
-from teacherlm_jax import checkpoints, data_sources, distributed, gin_utils, input_pipeline, partitioning, train_checkpoints, trainer
+from teacherlm_jax import checkpoints, data_sources, input_pipeline, partitioning, shell, train_checkpoints, trainer
 from teacherlm_jax.models import registry
 
-log = logging.getLogger("teacherlm_jax")
+log = shell.log
 DATA_STATS_DIR = "data_stats"  # MODEL_DIR/data_stats: the persisted record counts of uncached sources
 # Peak dense bfloat16 FLOP/s per device, for the MFU estimate (override with `train.peak_flops_per_device`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
-
-
-class Preempted(Exception):
-  """SIGTERM arrived: the state was checkpointed and training stopped early."""
-
-
-class NonFiniteLoss(FloatingPointError):
-  """The loss or gradient norm became NaN or infinite; nothing non-finite was saved."""
 
 
 @dataclasses.dataclass
@@ -117,7 +107,7 @@ def _train(model_config, data_config, optimizer_config, model_dir, train_steps, 
                                    learning_rate_fn=trainer.learning_rate_schedule(optimizer_config))
   context = _RunContext(model_dir, model_config, data_config, mesh, logical_axis_rules, peak_flops_per_device,
                         log_example_ids, checkpoint_input_pipeline)
-  with partitioning.activation_rules(mesh, logical_axis_rules), _sigterm_flag() as preempted:
+  with partitioning.activation_rules(mesh, logical_axis_rules), shell.sigterm_flag() as preempted:
     state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted, **loop_options)
   context.writer.close()
   _finish(manager, state, batches, context)
@@ -245,16 +235,16 @@ def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, p
       _save(manager, step, state, batches, context)
       if preempted():
         manager.wait_until_finished()
-        raise Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
+        raise shell.Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
   progress.close()
   return state, metrics, curve
 
 
 def _checked(step_metrics: dict, step: int, manager) -> dict[str, float]:
-  """Host copies of the step's metrics; raises NonFiniteLoss (before anything is saved) if they are not finite."""
+  """Host copies of the step's metrics; raises `shell.NonFiniteLoss` (before anything is saved) if they are not finite."""
   values = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
   if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-    raise NonFiniteLoss(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step}; "
+    raise shell.NonFiniteLoss(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step}; "
                         f"stopping without saving (last checkpoint: step {manager.latest_step()})")
   return values
 
@@ -330,65 +320,10 @@ def _finish(manager, state, batches, context: _RunContext) -> None:
                           vocabulary=task_config.task_vocabulary())
 
 
-class _sigterm_flag:
-  """Context manager: while inside, SIGTERM only sets a flag, which the loop reads as `preempted()`."""
-
-  def __enter__(self):
-    self._received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return lambda: self._received
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    log.warning("SIGTERM received: checkpointing at the end of this step")
-    self._received = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
-    return False
-
-
-def setup_logging() -> None:
-  """teacherlm_jax messages at INFO on stderr; other libraries' (orbax, absl) at WARNING."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
-
-
-def run_entry_point(configurable: Callable, argv: Optional[Sequence[str]],
-                    report: Callable[[Any], None]) -> int:
-  """The shared start of the gin entry points: multi-process flags, logging, jax.distributed, gin files and
-  bindings; then calls `configurable` with its gin bindings, hands its result to `report`, and returns the exit code
-  (143 after a SIGTERM checkpoint, 1 on a clear error, 2 on unknown arguments)."""
-  flags, rest = distributed.distributed_flags(sys.argv[1:] if argv is None else argv)
-  gin_files, bindings, rest = gin_utils.split_gin_args(rest)
-  if rest:
-    print(f"unknown arguments {rest}; use --gin_file=... and --gin.NAME=VALUE", file=sys.stderr)
-    return 2
-  setup_logging()
-  distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
-  gin_utils.parse_gin(gin_files, bindings)
-  try:
-    result = gin.get_configurable(configurable)()
-  except Preempted as stop:
-    log.warning("%s", stop)
-    return 143
-  except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
-    log.error("%s", error)
-    return 1
-  report(result)
-  return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   def report(result: TrainResult) -> None:
     log.info("finished %s at step %d: %s", result.model_dir, result.final_step, result.final_metrics)
-  return run_entry_point(train, argv, report)
+  return shell.run_entry_point(train, argv, report)
 
 
 if __name__ == "__main__":

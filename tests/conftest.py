@@ -1,7 +1,10 @@
-"""Shared test setup: an 8-device CPU platform (set before jax is imported) and fixture paths."""
+"""Shared test setup: an 8-device CPU platform (set before jax is imported), a session compilation cache, fixture
+paths."""
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +13,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the session (a fresh temporary directory): the many tests that build the
+  same tiny models, engines and train steps compile each program once. Set on jax's config, not in the environment,
+  so subprocess tests (multi-process runs) compile on their own and never share files."""
+  import jax
+  directory = tempfile.mkdtemp(prefix="teacherlm_jax_compile_cache_")
+  config.stash[_CACHE_DIR] = directory
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+  directory = config.stash.get(_CACHE_DIR, None)
+  if directory:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+_CACHE_DIR = pytest.StashKey[str]()
 
 
 @pytest.fixture

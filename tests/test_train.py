@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tasks import sources
-from teacherlm_jax import checkpoints, gin_utils, train, train_checkpoints, vocabularies
+from teacherlm_jax import checkpoints, gin_utils, shell, train, train_checkpoints, vocabularies
 from teacherlm_jax.models import bloom, common, registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   params["ln_f"]["scale"][0] = np.nan
   checkpoints.save_params(str(tmp_path / "nan_params"), params, config)
   model_dir = tmp_path / "nan_run"
-  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss nan .* at step \d+; stopping without saving"):
+  with pytest.raises(shell.NonFiniteLoss, match=r"non-finite loss nan .* at step \d+; stopping without saving"):
     _train(model_dir, 8, INITIAL_CHECKPOINT_PATH=f"'{tmp_path / 'nan_params'}'")
   assert not [p for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()]
   assert not (model_dir / "final_params").exists()
