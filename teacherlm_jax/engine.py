@@ -90,7 +90,7 @@ class Finished:
 class EngineStats:
   """Row-steps the engine computed and the tokens they kept (occupancy = kept / row_steps); cache columns the steps'
   attention read (every slot its tier's window) and the live ones among them (every active row up to its own
-  column: what a ragged kernel would read)."""
+  column: what a ragged kernel would read); prefills, row moves between tiers, and compactions into fewer slots."""
 
   steps: int = 0
   row_steps: int = 0
