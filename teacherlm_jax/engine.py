@@ -156,6 +156,19 @@ def _map_cache(fn, cache: dict, *others: dict) -> dict:
   return walk(dict(cache), *(dict(o) for o in others))
 
 
+def _length_axis(array: jax.Array) -> int:
+  """The column axis of a tier's array: keys / values [b, g, s, d], positions / segment ids [b, s]."""
+  return 2 if array.ndim == 4 else 1
+
+
+def _fit_columns(array: jax.Array, window: int) -> jax.Array:
+  """A tier's array cut or zero-padded (segment id 0: never attended) to `window` columns."""
+  axis = _length_axis(array)
+  if window <= array.shape[axis]:
+    return jax.lax.slice_in_dim(array, 0, window, axis=axis)
+  return jnp.pad(array, [(0, window - array.shape[axis]) if i == axis else (0, 0) for i in range(array.ndim)])
+
+
 def _tier(cache: dict, tier: int) -> dict:
   """One tier's arrays of every layer's slot cache (the other variables as empty leaves)."""
   return _map_cache(lambda name, leaf: leaf[tier] if name in TIERED else (), cache)
@@ -287,14 +300,7 @@ class Engine:
 
   def _resize(self, arrays, *, window: int):
     """One tier's cache arrays (`_tier`) padded or cut to `window` columns (cut columns must be unused)."""
-    def resize(name, array):
-      if name not in TIERED:
-        return array
-      axis = 2 if array.ndim == 4 else 1
-      if window <= array.shape[axis]:
-        return jax.lax.slice_in_dim(array, 0, window, axis=axis)
-      return jnp.pad(array, [(0, window - array.shape[axis]) if i == axis else (0, 0) for i in range(array.ndim)])
-    return _map_cache(resize, arrays)
+    return _map_cache(lambda name, array: _fit_columns(array, window) if name in TIERED else array, arrays)
 
   def _context(self):
     return partitioning.activation_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
@@ -347,9 +353,8 @@ class Engine:
     def rows(name, leaf):
       if name not in TIERED:
         return leaf[jnp.stack([a, b])]
-      axis = 2 if leaf[ta].ndim == 4 else 1
-      width = min(leaf[ta].shape[axis], leaf[tb].shape[axis])
-      return tuple(jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(leaf[t], r, 1, axis=0), 0, width, axis=axis)
+      width = min(leaf[ta].shape[_length_axis(leaf[ta])], leaf[tb].shape[_length_axis(leaf[tb])])
+      return tuple(_fit_columns(jax.lax.dynamic_slice_in_dim(leaf[t], r, 1, axis=0), width)
                    for t, r in ((ta, ra), (tb, rb)))
     return _map_cache(rows, state["cache"])
 
@@ -385,7 +390,7 @@ class Engine:
       picked = None
       for t, array in enumerate(leaf):
         rows = jnp.clip(sources - offsets[t], 0, array.shape[0] - 1)
-        taken = self._resize({name: array[rows]}, window=window)[name]
+        taken = _fit_columns(array[rows], window)
         match = (tier == t).reshape((-1,) + (1,) * (taken.ndim - 1))
         picked = taken if picked is None else jnp.where(match, taken, picked)
       return (picked,)
@@ -441,7 +446,8 @@ class Engine:
     key = (name, shapes) + tuple(sorted(static.items()))
     if key not in self._jits:
       fn = functools.partial(fn, **static)
-      donate = {"prefill": (), "rows": (), "resize": (), "compact": (), "generate": (1,)}.get(name, (0,))  # new shapes
+      # not donated: prefill and rows (the state lives on), resize and compact (new shapes)
+      donate = {"prefill": (), "rows": (), "resize": (), "compact": (), "generate": (1,)}.get(name, (0,))
       if self.mesh is None or name == "rows":
         jitted = jax.jit(fn, donate_argnums=donate)
       elif name == "prefill":
