@@ -11,6 +11,17 @@ fills the KV cache and gives every option's first-token log-probability; options
 scored in one more call over the cache copied once per option. Contexts are batched by length
 (`decoding.plan_batches`) and sharded over the mesh's data-parallel axes.
 
+Shared prefixes (learning by teaching: one worked example followed by E exam questions): `score_shared_examples`
+encodes each prefix once and scores its questions over the prefix's KV cache. A prefill pass over a batch of
+left-padded prefixes [b, lp] fills a cache of lp slots; every row is repeated E times (row i -> rows i*E ... i*E+E-1)
+and the cache grown by lq + t slots; the E questions of every prefix [b*E, lq], left-padded too, run over it in one
+call whose last column gives the first option token's log-probability; several-token options are then scored as
+above. A question's pads sit between its prefix and its first token, but they have segment 0 (never attended) and
+do not count towards the positions (those continue after each row's cached valid tokens), so every family (ALiBi,
+learned positions, RoPE) sees the real positions and a question scores the same as its whole prompt encoded from
+scratch. Per exam prompt the model runs lp / E + lq tokens instead of lp + lq. A prefix too long for a question
+keeps its last tokens (after the BOS); questions whose trimmed prefixes differ get their own copy of that prefix.
+
 k-shot: the first k examples of `shot_split` (for MMLU of the same subject) are prepended as
 `{context}{answer})` joined by spaces; MMLU's header line is kept only once, at the start.
 
@@ -103,23 +114,16 @@ def _repeat_rows(cache, times: int) -> dict:
   return jax.tree.map(repeat, cache, decoding.cache_logical_axes(cache))
 
 
-def score_batch(model: nn.Module, params, context_tokens: jax.Array, context_mask: jax.Array,
-                option_tokens: jax.Array, option_mask: jax.Array) -> jax.Array:
-  """Log-likelihoods [b, k] of k options per context.
-
-  Args:
-    context_tokens, context_mask: [b, l] left-padded contexts.
-    option_tokens, option_mask: [b, k, t] right-padded option continuations (mask 1 on real tokens).
-  """
-  batch, length = context_tokens.shape
-  _, num_options, option_length = option_tokens.shape
-  cache = decoding.constrain_cache(common.init_cache(model, batch, length + option_length))
-  logits, state = model.apply({"params": params, "cache": cache}, context_tokens, context_mask, decode=True,
-                              last_only=True, mutable=["cache"])
-  first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [b, v]
+def _option_scores(model: nn.Module, params, cache, last_logits: jax.Array, option_tokens: jax.Array,
+                   option_mask: jax.Array) -> jax.Array:
+  """Log-likelihoods [b, k] of k options per row, given the logits [b, v] of every row's last token and the cache
+  after it (room for the options' tokens): the first option token from `last_logits`, the others from one more call
+  over the cache repeated once per option."""
+  batch, num_options, option_length = option_tokens.shape
+  first = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1)  # [b, v]
   scores = jnp.take_along_axis(first, option_tokens[:, :, 0], axis=-1) * option_mask[:, :, 0]
   if option_length > 1:
-    cache = _repeat_rows(state["cache"], num_options)
+    cache = _repeat_rows(cache, num_options)
     flat = option_tokens.reshape(batch * num_options, option_length)
     step_logits, _ = model.apply({"params": params, "cache": decoding.constrain_cache(cache)}, flat[:, :-1],
                                  decode=True, mutable=["cache"])
@@ -130,12 +134,66 @@ def score_batch(model: nn.Module, params, context_tokens: jax.Array, context_mas
   return scores
 
 
+def score_batch(model: nn.Module, params, context_tokens: jax.Array, context_mask: jax.Array,
+                option_tokens: jax.Array, option_mask: jax.Array) -> jax.Array:
+  """Log-likelihoods [b, k] of k options per context.
+
+  Args:
+    context_tokens, context_mask: [b, l] left-padded contexts.
+    option_tokens, option_mask: [b, k, t] right-padded option continuations (mask 1 on real tokens).
+  """
+  batch, length = context_tokens.shape
+  option_length = option_tokens.shape[2]
+  cache = decoding.constrain_cache(common.init_cache(model, batch, length + option_length))
+  logits, state = model.apply({"params": params, "cache": cache}, context_tokens, context_mask, decode=True,
+                              last_only=True, mutable=["cache"])
+  return _option_scores(model, params, state["cache"], logits[:, -1], option_tokens, option_mask)
+
+
+def score_shared_batch(model: nn.Module, params, prefix_tokens: jax.Array, prefix_mask: jax.Array,
+                       question_tokens: jax.Array, question_mask: jax.Array, option_tokens: jax.Array,
+                       option_mask: jax.Array) -> jax.Array:
+  """Log-likelihoods [b*E, k] of k options per question, E questions after each of b prefixes (see the module
+  docstring): the same as `score_batch` on every prefix + question concatenated.
+
+  Args:
+    prefix_tokens, prefix_mask: [b, lp] left-padded prefixes.
+    question_tokens, question_mask: [b*E, lq] left-padded questions, rows i*E ... i*E+E-1 after prefix i; every
+      question has at least one token.
+    option_tokens, option_mask: [b*E, k, t] right-padded option continuations (mask 1 on real tokens).
+  """
+  batch, prefix_length = prefix_tokens.shape
+  rows, question_length = question_tokens.shape
+  option_length = option_tokens.shape[2]
+  if rows % batch:
+    raise ValueError(f"{rows} question rows for {batch} prefixes: expected E questions per prefix (a multiple of "
+                     f"{batch} rows); pad every exam to the same size")
+  cache = decoding.constrain_cache(common.init_cache(model, batch, prefix_length))
+  _, state = model.apply({"params": params, "cache": cache}, prefix_tokens, prefix_mask, decode=True,
+                         last_only=True, hidden_only=True, mutable=["cache"])
+  cache = decoding.grow_cache(_repeat_rows(state["cache"], rows // batch),
+                              prefix_length + question_length + option_length)
+  logits, state = model.apply({"params": params, "cache": cache}, question_tokens, question_mask, decode=True,
+                              last_only=True, mutable=["cache"])
+  return _option_scores(model, params, state["cache"], logits[:, -1], option_tokens, option_mask)
+
+
 def jit_score(model: nn.Module, mesh: Optional[Mesh] = None,
               rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
   """`score_batch` under jit: (params, host context tokens/mask, option tokens/mask) -> numpy [b, k]."""
   rows, options = ("batch", "length"), ("batch", None, "length")
   return partitioning.jit_host_io(functools.partial(score_batch, model), functools.partial(common.init_params, model),
                                   [rows, rows, options, options], mesh, rules)
+
+
+def jit_score_shared(model: nn.Module, mesh: Optional[Mesh] = None,
+                     rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
+  """`score_shared_batch` under jit: (params, host prefix tokens/mask, question tokens/mask, option tokens/mask) ->
+  numpy [b*E, k]; prefix and question rows sharded over the data-parallel axes."""
+  rows, options = ("batch", "length"), ("batch", None, "length")
+  return partitioning.jit_host_io(functools.partial(score_shared_batch, model),
+                                  functools.partial(common.init_params, model),
+                                  [rows, rows, rows, rows, options, options], mesh, rules)
 
 
 def option_arrays(options: Sequence[Sequence[Sequence[int]]], num_options: int, length: int
@@ -170,6 +228,78 @@ def score_examples(examples: Sequence[EvalExample], scorer, vocabulary: seqio.Vo
     for row, position in enumerate(positions):
       results[position] = scores[row, :len(options[position])]
     progress.update(len(positions))
+  progress.close()
+  return results
+
+
+def _prefix_units(prefixes: Sequence[Sequence[int]], questions: Sequence[Sequence[Sequence[int]]],
+                  vocabulary: seqio.Vocabulary, max_length: int, desc: str
+                  ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+  """[(prefix tokens, [(exam i, question j), ...])]: the questions of each prefix grouped by the prefix tokens they
+  follow (the whole prefix, or its last tokens when prefix + question is longer than `max_length`)."""
+  bos = 0 if vocabularies.bos_to_prepend(vocabulary) is None else 1
+  units = []
+  for i, (prefix, exam) in enumerate(zip(prefixes, questions)):
+    by_length: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+    for j, question in enumerate(exam):
+      if not question:
+        raise ValueError(f"{desc}: question {j} after prefix {i} encodes to no tokens; every exam context needs "
+                         f"at least one (e.g. the answer's opening \"(\")")
+      if len(question) + bos > max_length:
+        raise ValueError(f"{desc}: question {j} after prefix {i} has {len(question)} tokens (+{bos} BOS), more than "
+                         f"max_length {max_length}; raise max_length or shorten the question")
+      room = max_length - len(question)
+      kept = list(prefix) if len(prefix) <= room else vocabularies.keep_last(vocabulary, prefix, room)
+      by_length.setdefault(len(kept), (kept, []))[1].append((i, j))
+    units.extend(by_length.values())
+  return units
+
+
+def score_shared_examples(prefixes: Sequence[str], exams: Sequence[Sequence[EvalExample]], scorer,
+                          vocabulary: seqio.Vocabulary, batch_size: int, max_length: int, desc: str = "exam",
+                          row_multiple: int = 1) -> list[list[np.ndarray]]:
+  """Option log-likelihoods of exam questions that follow shared prefixes, each prefix encoded once.
+
+  `exams[i]` are the examples whose prompts are `prefixes[i] + example.context`; result `[i][j]` is what
+  `score_examples` gives `exams[i][j]` with that whole prompt as its context (for the same token ids: the prefix
+  encoded by `vocabularies.encode_prompt`, the context by `vocabulary.encode`). A prompt longer than `max_length`
+  keeps the prefix's last tokens (the question stays whole). `scorer(prefix_tokens, prefix_mask, question_tokens,
+  question_mask, option_tokens, option_mask)` is a bound `jit_score_shared`.
+
+  Every batch holds prefixes of similar length (`decoding.plan_batches`), each with E question rows (E = the
+  largest exam; smaller ones are padded with filler rows whose scores are dropped): about `batch_size` exam prompts
+  per call, at least `row_multiple` (the data-parallel mesh size) prefixes.
+  """
+  if len(prefixes) != len(exams):
+    raise ValueError(f"{desc}: {len(prefixes)} prefixes but {len(exams)} exams; expected one exam per prefix")
+  prefix_ids = [vocabularies.encode_prompt(vocabulary, prefix) for prefix in prefixes]
+  questions = [[vocabulary.encode(example.context) for example in exam] for exam in exams]
+  options = [[[vocabulary.encode(option) for option in example.options] for example in exam] for exam in exams]
+  if any(not ids for exam in options for row in exam for ids in row):
+    raise ValueError(f"{desc}: an option encodes to no tokens")
+  results: list[list[Optional[np.ndarray]]] = [[None] * len(exam) for exam in exams]
+  units = _prefix_units(prefix_ids, questions, vocabulary, max_length, desc)
+  if not units:
+    return results
+  group = max(len(members) for _, members in units)
+  num_options = max(len(row) for exam in options for row in exam)
+  option_length = max(len(ids) for exam in options for row in exam for ids in row)
+  per_batch = max(row_multiple, batch_size // group // row_multiple * row_multiple)
+  progress = tqdm(total=sum(len(exam) for exam in exams), desc=desc, unit="ex", disable=jax.process_index() > 0)
+  for positions, prefix_length in decoding.plan_batches([len(tokens) for tokens, _ in units], per_batch,
+                                                        max_length):
+    filler = decoding.batch_rows(len(positions), per_batch, row_multiple) - len(positions)
+    chosen = [units[p] for p in positions + [positions[0]] * filler]  # fillers' scores are dropped
+    rows = [members[k % len(members)] for _, members in chosen for k in range(group)]
+    prefix_tokens, prefix_mask = decoding.left_pad([tokens for tokens, _ in chosen], prefix_length)
+    question_length = decoding.bucket_length(max(len(questions[i][j]) for i, j in rows), max_length)
+    question_tokens, question_mask = decoding.left_pad([questions[i][j] for i, j in rows], question_length)
+    option_tokens, option_mask = option_arrays([options[i][j] for i, j in rows], num_options, option_length)
+    scores = scorer(prefix_tokens, prefix_mask, question_tokens, question_mask, option_tokens, option_mask)
+    for slot, position in enumerate(positions):
+      for k, (i, j) in enumerate(units[position][1]):
+        results[i][j] = scores[slot * group + k, :len(options[i][j])]
+    progress.update(sum(len(units[p][1]) for p in positions))
   progress.close()
   return results
 

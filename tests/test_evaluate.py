@@ -2,6 +2,8 @@
 and device-count invariance, k-shot contexts, result files."""
 
 import csv
+import dataclasses
+import functools
 import json
 
 import jax
@@ -134,3 +136,81 @@ def test_run_writes_json_markdown_and_predictions(tmp_path):
   assert len(predictions) == 8 and all(len(p["scores"]) == 2 for p in predictions)
   correct = sum(p["prediction"] == p["target"] for p in predictions) / 8
   assert results["teacherlm_eval_creak"]["accuracy"] == pytest.approx(correct)
+
+
+WORDS = ("the sun is a star and it rises in the east every day water boils at one hundred degrees while ice melts "
+         "above zero so birds fly south").split()
+SHARED_OPTIONS = ("A", "B", "C) no")  # the last is several tokens in every family's tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name: str):
+  directory = FIXTURES / f"hf_{name}_tiny"
+  model, params = convert.load_hf(str(directory))
+  return model, params, vocabularies.HfTokenizerVocabulary(str(directory / "tokenizer.json"))
+
+
+def _exam_workload(seed: int = 0):
+  """Prefixes and their exams: exams of 3, 1, 2, 2 and 0 questions of different lengths; the first and third
+  prefixes are too long for max_length 48 with some or all of their questions (their questions then follow
+  differently trimmed copies of the prefix)."""
+  rng = np.random.default_rng(seed)
+  text = lambda n: " ".join(rng.choice(WORDS, n))  # noqa: E731
+  prefixes = [f"Given {text(n)}." for n in (4, 1, 40, 5, 2)]
+  exams = [[evaluate.EvalExample(f" Q: {text(n)}? A: (", SHARED_OPTIONS, 0, f"{i}-{j}")
+            for j, n in enumerate(lengths)] for i, lengths in enumerate([(1, 4, 2), (2,), (1, 4), (3, 1), ()])]
+  return prefixes, exams
+
+
+def _per_prompt(prefixes, exams):
+  return [dataclasses.replace(e, context=prefix + e.context) for prefix, exam in zip(prefixes, exams) for e in exam]
+
+
+@pytest.mark.parametrize("name", ["bloom", "opt", "llama"])
+def test_shared_prefix_scores_equal_scores_of_the_whole_prompts(name):
+  model, params, vocabulary = _family(name)  # BLOOM: ALiBi, no BOS; OPT: learned positions, BOS; Llama: RoPE, BOS
+  prefixes, exams = _exam_workload()
+  whole = _per_prompt(prefixes, exams)
+  for prefix, exam in zip(prefixes, exams):  # the same token ids on both sides
+    for example in exam:
+      assert vocabulary.encode(prefix + example.context) == vocabulary.encode(prefix) + vocabulary.encode(
+          example.context)
+  lengths = [len(vocabularies.encode_prompt(vocabulary, e.context)) for e in whole]
+  assert max(lengths[:3]) <= 48 and min(lengths[4:6]) > 48  # exam 0 shares its whole prefix; exam 2 is trimmed
+  assert any(len(vocabulary.encode(o)) > 1 for o in SHARED_OPTIONS)
+  shared_score = evaluate.jit_score_shared(model)
+  shared = evaluate.score_shared_examples(prefixes, exams, lambda *a: shared_score(params, *a), vocabulary,
+                                          batch_size=16, max_length=48)
+  reference = evaluate.score_examples(whole, _scorer(model, params), vocabulary, batch_size=8, max_length=48)
+  assert [len(scores) for scores in shared] == [len(exam) for exam in exams]
+  for ours, expected in zip([s for scores in shared for s in scores], reference):
+    assert ours.shape == (len(SHARED_OPTIONS),)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_shared_prefix_scores_on_a_mesh_equal_one_device():
+  model, params, vocabulary = _family("bloom")
+  prefixes, exams = _exam_workload()
+  score = evaluate.jit_score_shared(model)
+  one = evaluate.score_shared_examples(prefixes, exams, lambda *a: score(params, *a), vocabulary, batch_size=16,
+                                       max_length=48)
+  mesh = partitioning.make_mesh(1, -1, 1)
+  _, sharded = convert.load_hf(str(FIXTURES / "hf_bloom_tiny"), mesh=mesh)
+  sharded_score = evaluate.jit_score_shared(model, mesh)
+  with partitioning.activation_rules(mesh):  # 8 prefix rows per call: filler prefixes and filler questions
+    eight = evaluate.score_shared_examples(prefixes, exams, lambda *a: sharded_score(sharded, *a), vocabulary,
+                                           batch_size=16, max_length=48,
+                                           row_multiple=partitioning.data_parallel_size(mesh))
+  assert one[4] == eight[4] == []
+  for a, b in zip([s for scores in one for s in scores], [s for scores in eight for s in scores]):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
+def test_shared_prefix_errors_name_the_fix():
+  _, _, vocabulary = _family("llama")
+  exam = [evaluate.EvalExample(" Q: " + " ".join(WORDS) + "? A: The answer is (", ("A", "B"), 0, "0")]
+  unused = lambda *a: pytest.fail("no batch should be scored")  # noqa: E731
+  with pytest.raises(ValueError, match="more than max_length 16; raise max_length or shorten the question"):
+    evaluate.score_shared_examples(["Worked example."], [exam], unused, vocabulary, batch_size=4, max_length=16)
+  with pytest.raises(ValueError, match="2 prefixes but 1 exams"):
+    evaluate.score_shared_examples(["a", "b"], [exam], unused, vocabulary, batch_size=4, max_length=16)
