@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 import sys
 import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -77,6 +78,9 @@ class AnnotationConfig:
       decoding phase, the KV cache growing by half in each later one; 0 = one phase). Engine, steps per call,
       tiers and phases change speed and compile time only, not the output.
     mesh_shape: (data, fsdp, tensor), -1 = the rest; dtype: activation dtype of the teachers.
+    prompt_format: '' = the release's teacher prompt (`tasks.rendering.teacher_prompt`, the answer given); else a
+      format string over {question}, {answer} and {trigger} (spaces normalised as the release does), e.g. LbT's
+      solver prompt `Q: {question} A: Let's think step by step.`, which withholds the answer.
   """
 
   input: annotation_inputs.InputSpec
@@ -99,6 +103,7 @@ class AnnotationConfig:
   engine: str = "slots"
   steps_per_call: int = 16
   tiers: tuple[tuple[int, int], ...] = ()
+  prompt_format: str = ""
 
   def __post_init__(self):
     if self.engine not in ENGINES:
@@ -116,6 +121,8 @@ class AnnotationConfig:
       raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
     if self.max_input_length < 1 or self.batch_size < 1 or self.chunk_size < 1:
       raise ValueError("max_input_length, batch_size and chunk_size must be positive")
+    if self.prompt_format:
+      _check_prompt_format(self.prompt_format)
 
   def settings(self) -> dict[str, Any]:
     """What decides the output (run.json): everything except batch size, decoding phases and mesh, which do not
@@ -126,6 +133,8 @@ class AnnotationConfig:
       settings.pop(name)
     if self.num_samples == 1:
       settings.pop("num_samples")  # as runs before num_samples existed
+    if not self.prompt_format:
+      settings.pop("prompt_format")  # likewise
     settings["teachers"] = [[name, _absolute(path)] for name, path in self.teachers]
     return settings
 
@@ -150,6 +159,13 @@ class AnnotationSummary:
   wall_seconds: float
   output: str
   rejects: str
+
+
+def _check_prompt_format(prompt_format: str) -> None:
+  fields = {name for _, name, _, _ in string.Formatter().parse(prompt_format) if name is not None}
+  if "question" not in fields or fields - {"question", "answer", "trigger"}:
+    raise ValueError(f"prompt_format {prompt_format!r} has the fields {sorted(fields)}; it needs {{question}} and "
+                     "may use {answer} and {trigger}, e.g. \"Q: {question} A: Let's think step by step.\"")
 
 
 def _absolute(path: str) -> str:
@@ -179,6 +195,14 @@ def decoding_config(config: AnnotationConfig, vocabulary: seqio.Vocabulary) -> d
       first_phase_tokens=config.first_phase_tokens)
 
 
+def teacher_prompt(config: AnnotationConfig, sample: annotation_inputs.Sample, teacher: str) -> str:
+  """The prompt the teacher continues: the release's (`Sample.prompt`) or `config.prompt_format` filled in."""
+  if not config.prompt_format:
+    return sample.prompt(teacher)
+  return rendering.normalize_spaces(config.prompt_format.format(question=sample.question, answer=sample.answer,
+                                                                trigger=rendering.TEACHERS[teacher][0]))
+
+
 def prepare_chunk(items: Sequence[annotation_inputs.Item], teacher: str, config: AnnotationConfig,
                   vocabulary: seqio.Vocabulary) -> tuple[list[dict], list[tuple[int, list[int], int]]]:
   """(reject entries, rows (index, prompt ids, prompt tokens cut)) of one chunk for one teacher."""
@@ -187,7 +211,7 @@ def prepare_chunk(items: Sequence[annotation_inputs.Item], teacher: str, config:
     try:
       if isinstance(record, formats.BadRecord):
         raise record
-      prompt = annotation_inputs.sample(config.input, location, record).prompt(teacher)
+      prompt = teacher_prompt(config, annotation_inputs.sample(config.input, location, record), teacher)
       ids = vocabularies.encode_prompt(vocabulary, prompt)
       cut = max(len(ids) - config.max_input_length, 0)
       if cut and config.too_long == "reject":
@@ -392,7 +416,7 @@ def merged_record(item: annotation_inputs.Item, entries: Mapping[str, dict], con
     trigger, field, _ = rendering.TEACHERS[name]
     merged[field] = entry["text"].strip()
     if everything is None:
-      everything = sample.prompt(name) + entry["text"]
+      everything = teacher_prompt(config, sample, name) + entry["text"]
     else:
       everything = f"{everything.rstrip()} {trigger}{entry['text']}"
     teachers[name] = {"checkpoint": _absolute(path), "new_tokens": entry["new_tokens"], "finish": entry["finish"],
@@ -440,7 +464,7 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
              stop_strings: Sequence[str] = (), seed: int = 0, batch_size: int = 32, chunk_size: int = 256,
              first_phase_tokens: int = 64, mesh_shape: Sequence[int] = (1, -1, 1),
              dtype: str = "float32", num_samples: int = 1, engine_name: str = "slots", steps_per_call: int = 16,
-             tiers: Sequence[Sequence[int]] = ()) -> AnnotationSummary:
+             tiers: Sequence[Sequence[int]] = (), prompt_format: str = "") -> AnnotationSummary:
   """The gin entry point (gin/runs/annotate.gin). `teachers` maps teacher names to checkpoints; without it the
   stage-3 teachers `teacher_names` of a curriculum run in `curriculum_dir` are used. See AnnotationConfig."""
   if teachers is None:
@@ -454,7 +478,8 @@ def annotate(*, input: str, output_dir: str, teachers: Optional[Mapping[str, str
       too_long=too_long, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       stop_strings=tuple(stop_strings), seed=seed, batch_size=batch_size, chunk_size=chunk_size,
       first_phase_tokens=first_phase_tokens, mesh_shape=tuple(mesh_shape), dtype=dtype, num_samples=num_samples,
-      engine=engine_name, steps_per_call=steps_per_call, tiers=tuple(tuple(t) for t in tiers))
+      engine=engine_name, steps_per_call=steps_per_call, tiers=tuple(tuple(t) for t in tiers),
+      prompt_format=prompt_format)
   return run(config, vocabulary)
 
 

@@ -246,3 +246,16 @@ def test_sigkill_then_restart_gives_the_uninterrupted_output(tmp_path):
   assert (output_dir / "annotated.jsonl").read_bytes() == pathlib.Path(expected.output).read_bytes()
   assert (output_dir / "rejects.jsonl").read_bytes() == pathlib.Path(expected.rejects).read_bytes()
   assert "annotated 100 of 104 records" in restarted.stdout
+
+
+def test_a_prompt_format_replaces_the_release_prompt_and_is_checked(tmp_path):
+  sample = annotation_inputs.Sample("Is ice cold?  (A) yes (B) no", "(A)")
+  config = _config(tmp_path / "in.jsonl", tmp_path / "out", prompt_format="Q: {question} A: Let's think step by step.")
+  assert annotate.teacher_prompt(config, sample, "cot") == "Q: Is ice cold? (A) yes (B) no A: Let's think step by step."
+  release = _config(tmp_path / "in.jsonl", tmp_path / "out")
+  assert annotate.teacher_prompt(release, sample, "cot") == ("Q: Is ice cold? (A) yes (B) no A: The answer is (A). "
+                                                             "Let's think step by step.")
+  assert "prompt_format" not in release.settings() and config.settings()["prompt_format"].startswith("Q: {question}")
+  for bad in ("Q: {q} A:", "{question} {letter}"):
+    with pytest.raises(ValueError, match="needs {question} and may use {answer} and {trigger}"):
+      _config(tmp_path / "in.jsonl", tmp_path / "out", prompt_format=bad)
