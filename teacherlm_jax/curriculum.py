@@ -49,7 +49,8 @@ def stage_finished(stage_dir: str, train_steps: int) -> bool:
   final = epath.Path(stage_dir) / train_checkpoints.FINAL_PARAMS_DIR
   if not (final / checkpoints.METADATA_FILE).exists():
     return False
-  return checkpoints.read_metadata(str(final))["source"] == f"{stage_dir} step {train_steps}"
+  return checkpoints.read_metadata(str(final))["source"] == train_checkpoints.final_params_source(stage_dir,
+                                                                                                train_steps)
 
 
 def run_stage(stage: Stage, model_dir: str, data_config: input_pipeline.DataConfig,

@@ -4,9 +4,15 @@
 
 where log pi(y) sums the policy's log-probabilities of the response tokens given the prompt, and the reference is
 the starting teacher, frozen. Pairs are JSONL rows {"prompt", "chosen", "rejected"} (`lbt.preference_pairs` makes
-them from LbT scores: the best and the worst candidate of a problem). A run (`train`) starts from a teacher
-checkpoint (e.g. a stage-3 teacher), keeps the reference params beside the train state, checkpoints with orbax like
-`teacherlm_jax.train` (resume from MODEL_DIR at the same step and pair) and writes MODEL_DIR/final_params.
+them from LbT scores: the best and the worst candidate of a problem).
+
+This module owns the DPO objective: the loss, the sequence log-probabilities, the pairs' encoding, the batch source
+over them (`PairBatches`: its state is the number of batches consumed, batch n depends only on (seed, n)) and the
+step, with the reference params closed over (frozen, no gradient). A run (`run`) starts from a teacher checkpoint
+(e.g. a stage-3 teacher) on the loop LM training uses (`train_loop`: metrics with throughput in TensorBoard, the
+learning-rate schedule of a `trainer.OptimizerConfig`, checkpoints every `save_every` steps and on SIGTERM (exit
+143; rerun to resume exactly), a stop before saving a non-finite step) in a MODEL_DIR of
+`train_checkpoints.ModelDir` (resume at the same step and pair, config.gin, final_params with the vocabulary).
 """
 
 from __future__ import annotations
@@ -24,13 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import seqio
-from clu import metric_writers
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from teacherlm_jax import checkpoints, convert, partitioning, shell, train_checkpoints, trainer, vocabularies
+from teacherlm_jax import (checkpoints, convert, partitioning, shell, train_checkpoints, train_loop, trainer,
+                           vocabularies)
 
 log = shell.log
 SIDES = ("chosen", "rejected")
@@ -65,8 +69,8 @@ def pair_log_probs(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -
 
 
 def dpo_train_step(model: nn.Module, optimizer: optax.GradientTransformation, beta: float,
-                   state: trainer.TrainState, reference_params: Any, batch: dict[str, jax.Array]
-                   ) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
+                   learning_rate_fn: Optional[optax.Schedule], reference_params: Any, state: trainer.TrainState,
+                   batch: dict[str, jax.Array]) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
   """One DPO update of the policy (`state.params`); the reference params get no gradient."""
   reference = jax.tree.map(jax.lax.stop_gradient, pair_log_probs(model, reference_params, batch))
 
@@ -77,18 +81,23 @@ def dpo_train_step(model: nn.Module, optimizer: optax.GradientTransformation, be
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   return trainer.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_dpo_step(model: nn.Module, optimizer: optax.GradientTransformation, beta: float,
+def jit_dpo_step(model: nn.Module, optimizer: optax.GradientTransformation, beta: float, reference_params: Any,
                  shardings: trainer.TrainState, mesh: Mesh,
-                 rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES):
-  """`dpo_train_step` under jit: (state, reference params, batch) -> (state, metrics); the old state is donated."""
+                 rules: partitioning.LogicalAxisRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+                 learning_rate_fn: Optional[optax.Schedule] = None):
+  """`dpo_train_step` under jit: (state, batch) -> (state, metrics), the frozen reference params passed in by the
+  closure (an argument of the jitted function, not a constant); the old state is donated."""
   batch = trainer.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  step = functools.partial(dpo_train_step, model, optimizer, beta)
-  return jax.jit(step, in_shardings=(shardings, shardings.params, batch), out_shardings=(shardings, replicated),
-                 donate_argnums=(0,))
+  step = jax.jit(functools.partial(dpo_train_step, model, optimizer, beta, learning_rate_fn),
+                 in_shardings=(shardings.params, shardings, batch), out_shardings=(shardings, replicated),
+                 donate_argnums=(1,))
+  return lambda state, pair_batch: step(reference_params, state, pair_batch)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -123,26 +132,52 @@ def read_pairs(path: str) -> list[dict]:
   return pairs
 
 
-def batches(pairs: Sequence[dict], vocabulary: seqio.Vocabulary, batch_size: int, length: int, seed: int,
-            start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of encoded pairs, each epoch in a seeded order; batch n depends only on (seed, n), so a resumed run
-  continues exactly (it starts at `start_step`)."""
-  encoded = [encode_pair(row, vocabulary, length) for row in pairs]
-  step = start_step
-  while True:
-    epoch, offset = divmod(step * batch_size, len(encoded))
-    order = np.random.default_rng([seed, epoch]).permutation(len(encoded))
-    rows = [encoded[order[(offset + i) % len(encoded)]] for i in range(batch_size)]
-    yield {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-    step += 1
+class PairBatches:
+  """The DPO batch source: batches of encoded pairs, each epoch in a seeded order. Batch n depends only on (seed,
+  n), so a run resumed at `batches_consumed` continues exactly; its `state()` is stored with every checkpoint.
+  Every process builds the whole global batch."""
+
+  def __init__(self, pairs: Sequence[dict], vocabulary: seqio.Vocabulary, batch_size: int, length: int, seed: int,
+               batches_consumed: int = 0, source: str = ""):
+    self._encoded = [encode_pair(row, vocabulary, length) for row in pairs]
+    self.batch_size, self.seed, self.source, self.batches_consumed = batch_size, seed, source, batches_consumed
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    epoch, offset = divmod(self.batches_consumed * self.batch_size, len(self._encoded))
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self._encoded))
+    rows = [self._encoded[order[(offset + i) % len(self._encoded)]] for i in range(self.batch_size)]
+    self.batches_consumed += 1
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+  def state(self) -> dict:
+    return {"pairs": self.source, "seed": self.seed, "batch_size": self.batch_size,
+            "batches_consumed": self.batches_consumed}
+
+  def check_resumes(self, model_dir: str, stored: dict) -> None:
+    """A resumed MODEL_DIR must have read the same pairs in the same order, else its batches would not continue."""
+    wanted = {name: value for name, value in self.state().items() if name != "batches_consumed"}
+    differ = {name: stored.get(name) for name, value in wanted.items() if stored.get(name) != value}
+    if differ:
+      raise ValueError(f"MODEL_DIR {model_dir} was trained with {differ}, not "
+                       f"{ {name: wanted[name] for name in differ} }: resuming would not continue its pairs; use a "
+                       "new MODEL_DIR (INITIAL_CHECKPOINT_PATH its final_params to continue from it)")
 
 
 # ----------------------------------------------------------------------------------------------- run
 
 
+def _default_optimizer() -> trainer.OptimizerConfig:
+  return trainer.OptimizerConfig(learning_rate=1e-6, warmup_steps=10, decay="constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-  """A DPO run: pairs, starting teacher, beta and the schedule."""
+  """A DPO run: pairs, starting teacher, beta, batches, the optimizer (warmup, decay, weight decay, clipping: the
+  same `trainer.OptimizerConfig` as training; its `total_steps` is where a cosine or linear decay ends) and the
+  checkpointing."""
 
   pairs: str
   initial_checkpoint_path: str
@@ -151,80 +186,75 @@ class DpoConfig:
   beta: float = 0.1
   batch_size: int = 8
   sequence_length: int = 1024
-  learning_rate: float = 1e-6
-  warmup_steps: int = 10
+  optimizer: trainer.OptimizerConfig = dataclasses.field(default_factory=_default_optimizer)
   seed: int = 0
   save_every: int = 50
+  keep_checkpoints: Optional[int] = 2
+  log_every: int = 1
   mesh_shape: tuple[int, int, int] = (1, -1, 1)
 
 
-def initial_state(config: DpoConfig, model: nn.Module, optimizer, shardings, manager, teacher_params):
-  """(state, where it came from): resumed from MODEL_DIR, or the teacher's params with a fresh optimizer."""
-  latest = manager.latest_step()
-  if latest is not None:
-    train_checkpoints.check_same_model(config.model_dir, train_checkpoints.stored_model(manager, latest),
-                                       model.config)
-    abstract = train_checkpoints.abstract_like(trainer.abstract_train_state(model, optimizer), shardings)
-    state, _ = train_checkpoints.restore(manager, latest, abstract)
-    return state, f"resuming {config.model_dir} at step {latest}"
-  state = trainer.init_train_state(model, optimizer, jax.random.key(config.seed), shardings, params=teacher_params)
-  return state, f"starting from {config.initial_checkpoint_path} (reference = the same params, frozen)"
-
-
 def run(config: DpoConfig) -> dict[str, float]:
-  """Trains the policy for `train_steps` DPO steps; returns the last step's metrics."""
+  """Trains the policy for `train_steps` DPO steps on `train_loop`; returns the last step's metrics (loss, rewards,
+  grad_norm, learning_rate, throughput). Raises `shell.Preempted` after a SIGTERM checkpoint, `shell.NonFiniteLoss`
+  (nothing saved) on a non-finite step."""
   mesh = partitioning.make_mesh(*config.mesh_shape)
-  rows = partitioning.data_parallel_size(mesh)
-  if config.batch_size % rows:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of the data-parallel mesh size {rows} "
-                     f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")
+  _check_batch(config.batch_size, mesh)
+  vocabulary = _vocabulary(config.initial_checkpoint_path)
   model, reference = convert.load_model(config.initial_checkpoint_path, mesh=mesh)
-  vocabulary = checkpoints.load_vocabulary(checkpoints.resolve(config.initial_checkpoint_path))
-  optimizer = trainer.make_optimizer(trainer.OptimizerConfig(
-      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.train_steps,
-      decay="constant"))
+  optimizer = trainer.make_optimizer(config.optimizer)
   shardings = trainer.state_shardings(model, optimizer, mesh)
-  manager = train_checkpoints.manager(config.model_dir, config.save_every, max_to_keep=2)
-  state, start = initial_state(config, model, optimizer, shardings, manager, reference)
-  log.info("DPO: %s", start)
-  first = int(state.step)
-  data = batches(read_pairs(config.pairs), vocabulary, config.batch_size, config.sequence_length, config.seed, first)
-  step_fn = jit_dpo_step(model, optimizer, config.beta, shardings, mesh)
-  writer = metric_writers.create_default_writer(config.model_dir, just_logging=jax.process_index() > 0)
-  metrics: dict[str, float] = {}
+  run_dir = train_checkpoints.ModelDir(config.model_dir, model.config, vocabulary, save_every=config.save_every,
+                                       keep_checkpoints=config.keep_checkpoints)
+  start = run_dir.start(model, optimizer, shardings, seed=config.seed,
+                        initial_checkpoint_path=config.initial_checkpoint_path, load_params=lambda _: reference)
+  log.info("DPO: %s (reference: the params of %s, frozen)", start.description, config.initial_checkpoint_path)
+  batches = PairBatches(read_pairs(config.pairs), vocabulary, config.batch_size, config.sequence_length, config.seed,
+                        batches_consumed=int(start.data_state["batches_consumed"]) if start.data_state else 0,
+                        source=config.pairs)
+  if start.data_state is not None:
+    batches.check_resumes(config.model_dir, start.data_state)
+  run_dir.write_config()
+  step_fn = jit_dpo_step(model, optimizer, config.beta, reference, shardings, mesh,
+                         learning_rate_fn=trainer.learning_rate_schedule(config.optimizer))
+  options = train_loop.Options(config.train_steps, config.log_every)
   with partitioning.activation_rules(mesh):
-    for step in tqdm(range(first, config.train_steps), initial=first, total=config.train_steps, desc="dpo",
-                     unit="step", disable=jax.process_index() > 0):
-      batch = partitioning.shard_host_arrays(next(data), {name: trainer.batch_sharding(mesh) for name in
-                                                          ("chosen_tokens", "chosen_mask", "chosen_weights",
-                                                           "rejected_tokens", "rejected_mask", "rejected_weights")})
-      state, step_metrics = step_fn(state, reference, batch)
-      metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
-      writer.write_scalars(step + 1, metrics)
-      train_checkpoints.save(manager, step + 1, state, {"pairs": config.pairs, "step": step + 1}, model.config,
-                             force=step + 1 == config.train_steps)
-  manager.wait_until_finished()
-  writer.flush()
-  save_final(config.model_dir, state, model.config, vocabulary)
-  return metrics
+    return train_loop.run(start.state, dpo_objective(step_fn, model.config, config.sequence_length, mesh), batches,
+                          run_dir, options).metrics
 
 
-def save_final(model_dir: str, state: trainer.TrainState, config: Any,
-               vocabulary: Optional[seqio.Vocabulary]) -> None:
-  """MODEL_DIR/final_params, written once per final step (an earlier, shorter run's are replaced)."""
-  final = epath.Path(model_dir) / checkpoints.FINAL_PARAMS_DIR
-  source = f"{model_dir} step {int(state.step)}"
-  if (final / checkpoints.METADATA_FILE).exists() and checkpoints.read_metadata(str(final))["source"] == source:
-    return
-  if jax.process_index() == 0 and final.exists():
-    final.rmtree()
-  multihost_utils.sync_global_devices("teacherlm_dpo_final_params")
-  checkpoints.save_params(str(final), state.params, config, vocabulary=vocabulary, source=source)
+def dpo_objective(step_fn, model_config: Any, sequence_length: int, mesh: Mesh) -> train_loop.Objective:
+  """DPO on the loop: throughput counts the pairs and the tokens of both sides; a token costs a training step of the
+  policy and a forward pass of the reference (4/3 of the training FLOPs)."""
+  shardings = {f"{side}_{name}": trainer.batch_sharding(mesh) for side in SIDES
+               for name in ("tokens", "mask", "weights")}
+  return train_loop.Objective(
+      name="dpo", step=step_fn, device_batch=lambda batch: partitioning.shard_host_arrays(batch, shardings),
+      tokens=lambda batch: int(sum(batch[f"{side}_mask"].sum() for side in SIDES)),
+      examples=lambda batch: len(batch["chosen_tokens"]),
+      flops_per_token=trainer.model_flops_per_token(model_config, sequence_length) * 4 / 3)
+
+
+def _check_batch(batch_size: int, mesh: Mesh) -> None:
+  rows = partitioning.data_parallel_size(mesh)
+  if batch_size % rows:
+    raise ValueError(f"batch_size {batch_size} is not a multiple of the data-parallel mesh size {rows} "
+                     f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")
+
+
+def _vocabulary(initial_checkpoint_path: str) -> seqio.Vocabulary:
+  vocabulary = checkpoints.load_vocabulary(checkpoints.resolve(initial_checkpoint_path))
+  if vocabulary is None:
+    raise ValueError(f"{initial_checkpoint_path} records no vocabulary ({checkpoints.VOCABULARY_FILE} or "
+                     "tokenizer.json): DPO encodes the pairs with the teacher's; import the teacher with `convert "
+                     "import-hf` or use a training run's MODEL_DIR")
+  return vocabulary
 
 
 @gin.configurable
 def dpo(*, pairs: str, initial_checkpoint_path: str, model_dir: str, **settings: Any) -> dict[str, float]:
-  """The gin entry point (gin/runs/dpo.gin); `settings` are DpoConfig's other fields."""
+  """The gin entry point (gin/runs/dpo.gin); `settings` are DpoConfig's other fields (`optimizer`: a
+  `trainer.OptimizerConfig`)."""
   if "mesh_shape" in settings:
     settings["mesh_shape"] = tuple(settings["mesh_shape"])
   return run(DpoConfig(pairs=pairs, initial_checkpoint_path=initial_checkpoint_path, model_dir=model_dir,

@@ -1,4 +1,4 @@
-"""Training entry point (T5X style): gin files + `--gin.X=` flags, resumable from MODEL_DIR.
+"""The language-modelling objective and its entry point (T5X style): gin files + `--gin.X=` flags, resumable.
 
   python -m teacherlm_jax.train --gin_file=gin/runs/train.gin --gin_file=gin/models/tiny.gin \
       --gin.MIXTURE_OR_TASK_NAME="'teacherlm_stage2_personalization'" --gin.MODEL_DIR="'/tmp/run'"
@@ -11,6 +11,13 @@ Where a run starts from:
   * else fresh random params (seeded).
 The log says which. The operative gin config is written to MODEL_DIR/config.gin. When training ends the params are
 also written as a params checkpoint to MODEL_DIR/final_params (what the next curriculum stage starts from).
+
+This module owns what is particular to language modelling: the seqio input pipeline as the batch source (its
+iterator states checkpointed with every step, or replayed; MODEL_DIR/data_stats), the LM objective on
+`train_loop` (`trainer.train_step`; throughput counts target tokens and examples; MFU), periodic evaluation on a
+split, the example-id log and the refusal of a real model on the embedded samples. The loop (logging, SIGTERM,
+non-finite guard) is `train_loop`'s; MODEL_DIR (resume-or-init, checkpoints, config.gin, final_params) is
+`train_checkpoints.ModelDir`'s.
 """
 
 from __future__ import annotations
@@ -19,27 +26,19 @@ import dataclasses
 import functools
 import json
 import sys
-import time
 from typing import Any, Optional, Sequence
 
-import gin
 import jax
-import numpy as np
-from clu import metric_writers
-from jax.experimental import multihost_utils
 from etils import epath
-from tqdm import tqdm
 
 from tasks import config as task_config
 from tasks import sources as task_sources
-from teacherlm_jax import checkpoints, data_sources, input_pipeline, partitioning, shell, train_checkpoints, trainer
+from teacherlm_jax import (checkpoints, data_sources, input_pipeline, partitioning, shell, train_checkpoints,
+                           train_loop, trainer)
 from teacherlm_jax.models import registry
 
 log = shell.log
 DATA_STATS_DIR = "data_stats"  # MODEL_DIR/data_stats: the persisted record counts of uncached sources
-# Peak dense bfloat16 FLOP/s per device, for the MFU estimate (override with `train.peak_flops_per_device`).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
 @dataclasses.dataclass
@@ -97,45 +96,42 @@ def _train(model_config, data_config, optimizer_config, model_dir, train_steps, 
   model = registry.build(model_config)
   optimizer = trainer.make_optimizer(optimizer_config)
   shardings = trainer.state_shardings(model, optimizer, mesh, logical_axis_rules)
-  manager = train_checkpoints.manager(model_dir, save_every, keep_checkpoints)
-  state, batches_consumed, start = _initial_state(manager, model_dir, model, optimizer, shardings, data_config,
-                                                  initial_checkpoint_path, seed, mesh, logical_axis_rules)
-  log.info("%s", start)
-  _write_config(model_dir)
-  batches = _batches(model_dir, manager.latest_step(), data_config, batches_consumed, checkpoint_input_pipeline)
+  run_dir = train_checkpoints.ModelDir(model_dir, model_config, task_config.task_vocabulary(), save_every=save_every,
+                                       keep_checkpoints=keep_checkpoints,
+                                       save_input_states=checkpoint_input_pipeline)
+  start = run_dir.start(model, optimizer, shardings, seed=seed, initial_checkpoint_path=initial_checkpoint_path,
+                        load_params=functools.partial(checkpoints.load_params, config=model.config, mesh=mesh,
+                                                      rules=logical_axis_rules))
+  log.info("%s", start.description)
+  if start.data_state is not None:
+    _check_same_data(model_dir, start.data_state, data_config)
+  run_dir.write_config()
+  batches = _batches(run_dir, start, data_config, checkpoint_input_pipeline)
   step_fn = trainer.jit_train_step(model, optimizer, accumulation_steps, shardings, mesh, logical_axis_rules,
                                    learning_rate_fn=trainer.learning_rate_schedule(optimizer_config))
-  context = _RunContext(model_dir, model_config, data_config, mesh, logical_axis_rules, peak_flops_per_device,
-                        log_example_ids, checkpoint_input_pipeline)
-  with partitioning.activation_rules(mesh, logical_axis_rules), shell.sigterm_flag() as preempted:
-    state, metrics, curve = _loop(state, batches, step_fn, manager, train_steps, context, preempted, **loop_options)
-  context.writer.close()
-  _finish(manager, state, batches, context)
-  return TrainResult(model_dir, start, int(state.step), metrics, curve)
+  objective = lm_objective(step_fn, model_config, data_config, trainer.batch_sharding(mesh, logical_axis_rules))
+  options = train_loop.Options(
+      train_steps, loop_options["log_every"], loop_options["eval_every"],
+      evaluate=functools.partial(_evaluate, _Evaluation(model_config, data_config, objective.device_batch),
+                                 loop_options["eval_split"], loop_options["eval_batches"]),
+      on_batch=functools.partial(_log_example_ids, model_dir) if log_example_ids else None,
+      peak_flops_per_device=peak_flops_per_device)
+  with partitioning.activation_rules(mesh, logical_axis_rules):
+    result = train_loop.run(start.state, objective, batches, run_dir, options)
+  return TrainResult(model_dir, start.description, int(result.state.step), result.metrics, result.loss_curve)
 
 
-@dataclasses.dataclass
-class _RunContext:
-  """The fixed parts of a run that the loop's helpers need."""
-
-  model_dir: str
-  model_config: Any
-  data_config: input_pipeline.DataConfig
-  mesh: jax.sharding.Mesh
-  rules: partitioning.LogicalAxisRules
-  peak_flops_per_device: Optional[float]
-  log_example_ids: bool
-  checkpoint_input_pipeline: bool = True
-
-  def __post_init__(self):
-    self.writer = metric_writers.create_default_writer(self.model_dir, just_logging=jax.process_index() > 0)
-    self.sharding = trainer.batch_sharding(self.mesh, self.rules)
-
-  @functools.cached_property
-  def eval_fn(self):
-    """jit(params, batch) -> the loss sums of a batch (compiled once per run)."""
-    model = registry.build(self.model_config)
-    return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
+def lm_objective(step_fn, model_config: Any, data_config: input_pipeline.DataConfig,
+                 sharding: jax.sharding.NamedSharding) -> train_loop.Objective:
+  """The language-modelling objective on the loop: `trainer.train_step` on seqio model features; throughput counts
+  the target tokens and the examples (by their hashes) of every process."""
+  scale = jax.process_count()
+  return train_loop.Objective(
+      name="train", step=step_fn,
+      device_batch=lambda batch: trainer.global_batch(input_pipeline.model_features(batch), sharding),
+      tokens=lambda batch: int((batch["decoder_target_tokens"] != 0).sum()) * scale,
+      examples=lambda batch: len(input_pipeline.example_hashes(batch)) * scale,
+      flops_per_token=trainer.model_flops_per_token(model_config, sum(data_config.task_feature_lengths.values())))
 
 
 def _check_batch(batch_size: int, accumulation_steps: int, mesh: jax.sharding.Mesh) -> None:
@@ -146,31 +142,13 @@ def _check_batch(batch_size: int, accumulation_steps: int, mesh: jax.sharding.Me
                      f"that do not split over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} devices")
 
 
-def _initial_state(manager, model_dir, model, optimizer, shardings, data_config, initial_checkpoint_path, seed,
-                   mesh, rules) -> tuple[trainer.TrainState, int, str]:
-  """(state, batches already consumed, a sentence for the log): resume, initialise from a checkpoint, or fresh."""
-  latest = manager.latest_step()
-  if latest is not None:
-    train_checkpoints.check_same_model(model_dir, train_checkpoints.stored_model(manager, latest), model.config)
-    abstract = train_checkpoints.abstract_like(trainer.abstract_train_state(model, optimizer), shardings)
-    state, data_state = train_checkpoints.restore(manager, latest, abstract)
-    _check_same_data(model_dir, data_state, data_config)
-    return state, int(data_state["batches_consumed"]), f"resuming {model_dir} from its checkpoint at step {latest}"
-  if initial_checkpoint_path:
-    path = checkpoints.resolve(initial_checkpoint_path)
-    params = checkpoints.load_params(path, model.config, mesh=mesh, rules=rules)
-    state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings, params=params)
-    return state, 0, f"initialising params from {path} (INITIAL_CHECKPOINT_PATH; fresh optimizer state, step 0)"
-  state = trainer.init_train_state(model, optimizer, jax.random.key(seed), shardings)
-  return state, 0, f"fresh initialisation of {model_dir} (seed {seed})"
-
-
-def _batches(model_dir: str, latest: Optional[int], data_config: input_pipeline.DataConfig, batches_consumed: int,
-             checkpoint_input: bool) -> input_pipeline.BatchIterator:
+def _batches(run_dir: train_checkpoints.ModelDir, start: train_checkpoints.Start,
+             data_config: input_pipeline.DataConfig, checkpoint_input: bool) -> input_pipeline.BatchIterator:
   """The input iterator at the run's position: restored from the step's saved input state, else by skipping."""
-  if latest is None or not batches_consumed:
+  batches_consumed = int(start.data_state["batches_consumed"]) if start.data_state else 0
+  if not batches_consumed:
     return input_pipeline.BatchIterator(data_config)
-  directory = train_checkpoints.input_state_dir(model_dir, latest)
+  directory = train_checkpoints.input_state_dir(run_dir.path, int(start.state.step))
   shards, num_shards = input_pipeline.shard_range(data_config, jax.process_index(), jax.process_count())
   if checkpoint_input and input_pipeline.has_saved_state(directory, shards, num_shards):
     log.info("input pipeline: restored from %s (%d batches consumed, no replay)", directory, batches_consumed)
@@ -178,14 +156,6 @@ def _batches(model_dir: str, latest: Optional[int], data_config: input_pipeline.
   log.warning("input pipeline: no saved input state for %d data shards at %s; skipping %d consumed batches "
               "(replay)", num_shards, directory, batches_consumed)
   return input_pipeline.BatchIterator(data_config, batches_consumed)
-
-
-def _save(manager, step: int, state, batches: input_pipeline.BatchIterator, context: "_RunContext") -> None:
-  """The step's input state (synchronously), then its orbax save (asynchronously); prunes old input states."""
-  if context.checkpoint_input_pipeline:
-    batches.save(train_checkpoints.input_state_dir(context.model_dir, step))
-  train_checkpoints.save(manager, step, state, batches.state(), context.model_config, force=True)
-  train_checkpoints.prune_input_states(context.model_dir, set(manager.all_steps()) | {step})
 
 
 def _check_same_data(model_dir: str, data_state: dict, data_config: input_pipeline.DataConfig) -> None:
@@ -196,100 +166,28 @@ def _check_same_data(model_dir: str, data_state: dict, data_config: input_pipeli
                      "continue its data; use a new MODEL_DIR with INITIAL_CHECKPOINT_PATH")
 
 
-def _write_config(model_dir: str) -> None:
-  if jax.process_index() == 0:
-    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(model_dir) / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+@dataclasses.dataclass
+class _Evaluation:
+  """What the periodic evaluation needs; its loss function is compiled once per run, at the first evaluation."""
+
+  model_config: Any
+  data_config: input_pipeline.DataConfig
+  device_batch: Any
+
+  @functools.cached_property
+  def loss_sums(self):
+    """jit(params, batch) -> the loss sums of a batch."""
+    model = registry.build(self.model_config)
+    return jax.jit(lambda params, batch: trainer.loss_sums(model, params, batch)[1])
 
 
-def _loop(state, batches, step_fn, manager, train_steps, context: _RunContext, preempted, *, log_every,
-          eval_every, eval_batches, eval_split):
-  """Runs steps until `train_steps`; logs, evaluates, checkpoints; stops on SIGTERM or a non-finite loss."""
-  first = int(state.step)
-  metrics: dict[str, float] = {}
-  curve: list[tuple[int, float]] = []
-  window = _Throughput(context)
-  progress = tqdm(total=train_steps, initial=first, desc="train", unit="step", disable=jax.process_index() > 0)
-  for _ in range(first, train_steps):
-    batch = next(batches)
-    if context.log_example_ids:
-      _log_example_ids(context.model_dir, int(state.step) + 1, batch)
-    state, step_metrics = step_fn(state, trainer.global_batch(input_pipeline.model_features(batch),
-                                                              context.sharding))
-    step = int(state.step)
-    window.add(batch)
-    progress.update(1)
-    if step % log_every == 0 or step == train_steps:
-      metrics = {**_checked(step_metrics, step, manager), **window.rates()}
-      curve.append((step, metrics["loss"]))
-      context.writer.write_scalars(step, metrics)
-      log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items())))
-      progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if eval_every and step % eval_every == 0:
-      evaluation = _evaluate(state, context, eval_split, eval_batches)
-      context.writer.write_scalars(step, evaluation)
-      log.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in sorted(evaluation.items())))
-      metrics = {**metrics, **evaluation}
-    if preempted() or manager.should_save(step):
-      _checked(step_metrics, step, manager)
-      _save(manager, step, state, batches, context)
-      if preempted():
-        manager.wait_until_finished()
-        raise shell.Preempted(f"SIGTERM: checkpointed step {step} in {context.model_dir}; rerun the same command to resume")
-  progress.close()
-  return state, metrics, curve
-
-
-def _checked(step_metrics: dict, step: int, manager) -> dict[str, float]:
-  """Host copies of the step's metrics; raises `shell.NonFiniteLoss` (before anything is saved) if they are not finite."""
-  values = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
-  if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-    raise shell.NonFiniteLoss(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step}; "
-                        f"stopping without saving (last checkpoint: step {manager.latest_step()})")
-  return values
-
-
-class _Throughput:
-  """Tokens/s, examples/s and MFU since the last report."""
-
-  def __init__(self, context: _RunContext):
-    self._context = context
-    self._tokens = self._examples = 0
-    self._start = time.perf_counter()
-    self._flops_per_token = trainer.model_flops_per_token(
-        context.model_config, sum(context.data_config.task_feature_lengths.values()))
-
-  def add(self, batch: dict) -> None:
-    scale = jax.process_count()
-    self._tokens += int((batch["decoder_target_tokens"] != 0).sum()) * scale
-    self._examples += len(input_pipeline.example_hashes(batch)) * scale
-
-  def rates(self) -> dict[str, float]:
-    elapsed = max(time.perf_counter() - self._start, 1e-9)
-    rates = {"tokens_per_second": self._tokens / elapsed, "examples_per_second": self._examples / elapsed}
-    peak = self._context.peak_flops_per_device or _peak_flops(jax.devices()[0].device_kind)
-    if peak:
-      rates["mfu"] = rates["tokens_per_second"] * self._flops_per_token / (peak * jax.device_count())
-    self._tokens = self._examples = 0
-    self._start = time.perf_counter()
-    return rates
-
-
-def _peak_flops(device_kind: str) -> Optional[float]:
-  for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
-    if device_kind.startswith(prefix):
-      return flops
-  return None
-
-
-def _evaluate(state, context: _RunContext, split: str, num_batches: int) -> dict[str, float]:
+def _evaluate(evaluation: _Evaluation, split: str, num_batches: int, state) -> dict[str, float]:
   """Loss and token accuracy on the first `num_batches` batches of `split` (the same batches every time)."""
-  eval_config = dataclasses.replace(context.data_config, split=split)
+  eval_config = dataclasses.replace(evaluation.data_config, split=split)
   batches = input_pipeline.BatchIterator(eval_config, shuffle=False, num_epochs=1)
   totals: dict[str, float] = {}
   for _, batch in zip(range(num_batches), batches):
-    sums = jax.device_get(context.eval_fn(state.params, trainer.global_batch(input_pipeline.model_features(batch),
-                                                                      context.sharding)))
+    sums = jax.device_get(evaluation.loss_sums(state.params, evaluation.device_batch(batch)))
     totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
   tokens = max(totals.get("tokens", 0.0), 1.0)
   return {"eval/loss": totals.get("loss_sum", 0.0) / tokens, "eval/accuracy": totals.get("correct_sum", 0.0) / tokens}
@@ -300,24 +198,6 @@ def _log_example_ids(model_dir: str, step: int, batch: dict) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   with (directory / f"process_{jax.process_index()}.jsonl").open("a") as handle:
     handle.write(json.dumps({"step": step, "hashes": input_pipeline.example_hashes(batch)}) + "\n")
-
-
-def _finish(manager, state, batches, context: _RunContext) -> None:
-  """Saves the last step, waits for all saves, and writes final_params once."""
-  model_dir, model_config = context.model_dir, context.model_config
-  step = int(state.step)
-  if manager.latest_step() != step:
-    _save(manager, step, state, batches, context)
-  manager.wait_until_finished()
-  final = epath.Path(model_dir) / train_checkpoints.FINAL_PARAMS_DIR
-  source = f"{model_dir} step {step}"
-  if (final / checkpoints.METADATA_FILE).exists() and checkpoints.read_metadata(str(final))["source"] == source:
-    return
-  if jax.process_index() == 0 and final.exists():
-    final.rmtree()  # the params of an earlier, shorter run of this MODEL_DIR
-  multihost_utils.sync_global_devices("teacherlm_final_params")
-  checkpoints.save_params(str(final), state.params, model_config, source=source,
-                          vocabulary=task_config.task_vocabulary())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
