@@ -12,7 +12,7 @@ $(INSTALLED): setup.py constraints.txt
 	touch $(INSTALLED)
 
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -q -o faulthandler_timeout=1200 tests
+	$(VENV)/bin/python -m pytest -q -o faulthandler_timeout=1200 --durations=30 tests
 
 demo: $(INSTALLED)
 	$(VENV)/bin/python -m teacherlm_jax.demo --out outputs/demo

@@ -13,9 +13,9 @@
    the augmented variants, multi-task then fine-tuned on CREAK, evaluated by rank classification on CREAK and ECQA;
    beside the BLOOM students, tiny OPT students (the paper's student family, gin/models/tiny_opt.gin) on the
    answer-only and all-fields variants.
-5. Learning by teaching (`teacherlm_jax.lbt`): one tiny round: the CoT teacher's candidate rationales for a few
-   CREAK questions are scored by the answer-only student's exam accuracy, and the teacher gets a DPO step on the
-   best-vs-worst pairs.
+5. Learning by teaching (`teacherlm_jax.lbt`): the CoT teacher solves a few CREAK questions without their answers
+   (K samples), the answer-only student's exam accuracy scores each candidate, every selection method's answer
+   accuracy is printed, and the teacher gets a few DPO steps on the correctness+lbt pairs.
 6. The report (`teacherlm_jax.report`): Markdown + PNG plots of all of the above; its path is printed.
 
   python -m teacherlm_jax.demo --out outputs/demo [--skip_curriculum]
@@ -130,18 +130,26 @@ def run_students(out: pathlib.Path, annotated: dict, model_gin: str = "tiny.gin"
     gin.clear_config()
 
 
-def learning_by_teaching(out: pathlib.Path, teacher: pathlib.Path, student: pathlib.Path) -> list[dict]:
-  """One tiny LbT round on the first embedded CREAK validation questions (see teacherlm_jax/lbt.py)."""
+def learning_by_teaching(out: pathlib.Path, teacher: pathlib.Path, student: pathlib.Path) -> dict:
+  """LbT on the first embedded CREAK validation questions (see teacherlm_jax/lbt.py): M1 (the teacher solves each
+  question without its answer, K = 3 samples, the answer-only student takes exams), the selection report, and one
+  round of DPO on the correctness+lbt pairs."""
   from teacherlm_jax import annotation_inputs, lbt
   problems = out / "problems.jsonl"
   out.mkdir(parents=True, exist_ok=True)
   problems.write_text("\n".join((REPO / "tasks/data/creak/validation.jsonl").read_text().splitlines()[:16]) + "\n")
   config = lbt.LbtConfig(input=annotation_inputs.InputSpec(str(problems)), output_dir=str(out),
-                         teacher=("cot", str(teacher)), students=(str(student),), num_candidates=3, exam_size=3,
+                         teacher=str(teacher), students=(str(student),), num_candidates=3, exam_size=3,
                          max_new_tokens=48, batch_size=16, max_input_length=384, max_length=768)
-  dpo_settings = {"train_steps": 3, "beta": 0.1, "batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 0,
-                  "sequence_length": 512}
-  return lbt.iterate(config, 1, dpo_settings, held_out=None)
+  lbt.score(config)
+  report = lbt.selection_report(config)
+  pairs = lbt.preference_pairs(config, "correctness+lbt")
+  dpo = None
+  if pathlib.Path(pairs).read_text().strip():
+    dpo = lbt.dpo_teacher(config, pairs, str(teacher), str(out / "dpo"),
+                          {"train_steps": 3, "beta": 0.1, "batch_size": 8, "learning_rate": 1e-4,
+                           "sequence_length": 512})
+  return {"report": report, "dpo": dpo}
 
 
 def run(hf_dir: pathlib.Path, out: pathlib.Path) -> dict:
@@ -220,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                                "tiny_opt.gin", OPT_STUDENT_VARIANTS)
     for variant, accuracies in opt_results.items():
       print(f"  OPT   {variant:16s} " + "  ".join(f"{task} {acc:.3f}" for task, acc in accuracies.items()))
-    rounds = learning_by_teaching(out / "lbt", out / "curriculum" / "stage3_cot",
-                                  out / "students" / "answer_only" / "finetune")
-    dpo = rounds[0].get("dpo")
-    print(f"\n5. Learning by teaching, one round: mean LbT score {rounds[0]['mean_lbt_score']:.3f} (the answer-only "
-          "student's exam accuracy); " + (f"DPO reward margin {dpo['reward_margin']:.3f}" if dpo else
-                                          "no DPO: every problem's candidates scored alike (tiny students)"))
+    lbt_result = learning_by_teaching(out / "lbt", out / "curriculum" / "stage3_cot",
+                                      out / "students" / "answer_only" / "finetune")
+    accuracies, dpo = lbt_result["report"]["student_sets"]["all students"], lbt_result["dpo"]
+    print("\n5. Learning by teaching (M1): answer accuracy of each selection method (the answer-only student's "
+          "exams): " + ", ".join(f"{m} {accuracies[m]:.3f}" for m in ("greedy", "self_consistency", "lbt_max",
+                                                                        "lbt_sum", "lbt_mean"))
+          + f"; mean lbt_gain {accuracies['mean_lbt_gain']:+.3f}; "
+          + (f"DPO reward margin {dpo['reward_margin']:.3f}" if dpo else "no preference pairs (tiny models)"))
     from teacherlm_jax import report
     report_path = report.write_report(str(out))
     print(f"\n6. Report: {report_path}")

@@ -8,6 +8,7 @@ Everything is found by walking the run directories:
   student runs (students_results.json)                  accuracy per task and variant (student_accuracy.png)
   evaluations (eval_results.json)                       one table row per task
   learning by teaching (scores.jsonl, rounds.json)      LbT score distribution and accuracy per round (lbt.png)
+  LbT's selection_report.json, m2.json, m3.json         selection accuracies, M2 before/after, M3 rounds (tables)
 The report is `report.md` with the plots next to it (default: <first run_dir>/report/).
 """
 
@@ -18,7 +19,7 @@ import collections
 import json
 import os
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import matplotlib
 matplotlib.use("Agg")  # files only, no display
@@ -95,6 +96,33 @@ def lbt_results(run_dirs: Sequence[str]) -> tuple[dict[str, list[float]], dict[s
   return scores, rounds
 
 
+def lbt_methods(run_dirs: Sequence[str]) -> dict[str, dict[str, dict]]:
+  """{kind: {run: log}} for LbT's selection reports, M2 and M3 logs (`lbt report`, `lbt m2`, `lbt refine`)."""
+  files = {"selection": "selection_report.json", "m2": "m2.json", "m3": "m3.json"}
+  return {kind: {_label(path.parent, run_dirs): json.loads(path.read_text())
+                 for path in _walk(run_dirs, lambda name, file=file: name == file)} for kind, file in files.items()}
+
+
+def _lbt_methods_markdown(logs: dict[str, dict[str, Any]]) -> list[str]:
+  lines = []
+  for run, selection in logs["selection"].items():
+    methods = [m for m in next(iter(selection["student_sets"].values())) if not m.startswith("mean_")]
+    lines += ["", f"`{run}` answer selection ({selection['problems']} teaching problems, accuracy against their gold)",
+              "", "| students | " + " | ".join(methods) + " | mean lbt_gain |", "|---" * (len(methods) + 2) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in methods) + f" | {values['mean_lbt_gain']:+.4f} |"
+              for name, values in selection["student_sets"].items()]
+  for run, result in logs["m2"].items():
+    lines += ["", f"`{run}` M2: the teacher's held-out accuracy {result['before']:.4f} before DPO", "",
+              "| pairs from | pairs | accuracy after |", "|---|---|---|"]
+    lines += [f"| {pairing} | {entry['pairs']} | {entry['after']:.4f} |" for pairing, entry in result["pairings"].items()]
+  for run, history in logs["m3"].items():
+    lines += ["", f"`{run}` M3 exemplar refinement", "", "| round | students' exam accuracy | teacher's few-shot "
+              "held-out accuracy | replaced |", "|---|---|---|---|"]
+    lines += [f"| {e['round']} | {e['exam_accuracy']:.4f} | {e['held_out_accuracy']:.4f} | "
+              + (f"{e['replaced']['old']} -> {e['replaced']['new']}" if e["replaced"] else "") + " |" for e in history]
+  return lines
+
+
 def plot_lbt(scores: dict[str, list[float]], rounds: dict[str, list[dict]], path: epath.Path) -> None:
   """Left: the distribution of LbT scores per scoring run; right: mean LbT score and held-out accuracy per round."""
   figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -160,7 +188,8 @@ def plot_lengths(stats: dict[str, dict], path: epath.Path) -> None:
   plt.close(figure)
 
 
-def _lbt_markdown(scores: dict[str, list[float]], rounds: dict[str, list[dict]]) -> list[str]:
+def _lbt_markdown(scores: dict[str, list[float]], rounds: dict[str, list[dict]], logs: dict[str, dict[str, Any]]
+                  ) -> list[str]:
   if not (scores or rounds):
     return []
   lines = ["## Learning by teaching", "", "![LbT](lbt.png)", "", "| scoring run | candidates | mean LbT score |",
@@ -174,7 +203,7 @@ def _lbt_markdown(scores: dict[str, list[float]], rounds: dict[str, list[dict]])
       margin = entry.get("dpo", {}).get("reward_margin")
       lines.append(f"| {entry['round']} | {entry['mean_lbt_score']:.4f} | "
                    f"{'' if held_out is None else f'{held_out:.4f}'} | {'' if margin is None else f'{margin:.4f}'} |")
-  return lines + [""]
+  return lines + _lbt_methods_markdown(logs) + [""]
 
 
 def _markdown(curves, stats, students, evals) -> list[str]:
@@ -233,7 +262,7 @@ def write_report(*run_dirs: str, out: Optional[str] = None) -> str:
   if not (curves or stats or students or evals or lbt_scores or lbt_rounds):
     raise FileNotFoundError(f"nothing to report under {list(run_dirs)}: no training, annotation, student, "
                             "evaluation or LbT runs found")
-  lines = _markdown(curves, stats, students, evals) + _lbt_markdown(lbt_scores, lbt_rounds)
+  lines = _markdown(curves, stats, students, evals) + _lbt_markdown(lbt_scores, lbt_rounds, lbt_methods(run_dirs))
   (out_dir / "report.md").write_text("\n".join(lines))
   return str(out_dir / "report.md")
 
