@@ -179,11 +179,16 @@ def solve(config: LbtConfig, spec: annotation_inputs.InputSpec, output_dir: str,
           num_samples: int, prefix: str = "") -> dict[tuple[int, int], dict]:
   """{(input index, sample k): solution record} of an annotation run of the solver prompt (resumed if begun)."""
   annotate.run(solver_config(config, spec, output_dir, checkpoint, num_samples, prefix))
-  solutions = {}
-  for line in (epath.Path(output_dir) / annotation_store.OUTPUT_FILE).read_text().splitlines():
+  return _records(epath.Path(output_dir))
+
+
+def _records(directory: epath.Path) -> dict[tuple[int, int], dict]:
+  """{(input index, sample k): record} of a finished annotation run."""
+  records = {}
+  for line in (directory / annotation_store.OUTPUT_FILE).read_text().splitlines():
     record = json.loads(line)
-    solutions[(record["provenance"]["index"], record["provenance"].get("sample", 0))] = record
-  return solutions
+    records[(record["provenance"]["index"], record["provenance"].get("sample", 0))] = record
+  return records
 
 
 def _mesh(config: LbtConfig) -> jax.sharding.Mesh:
@@ -192,8 +197,7 @@ def _mesh(config: LbtConfig) -> jax.sharding.Mesh:
 
 def _model(checkpoint: str, mesh: jax.sharding.Mesh, scan_layers: Optional[bool] = None):
   """(model, params, vocabulary) of a checkpoint; a checkpoint without a vocabulary is an error naming it."""
-  model, params = convert.load_model(checkpoint, mesh=mesh, **({} if scan_layers is None else
-                                                               {"scan_layers": scan_layers}))
+  model, params = convert.load_model(checkpoint, mesh=mesh, scan_layers=scan_layers)
   vocabulary = checkpoints.load_vocabulary(checkpoints.resolve(checkpoint))
   if vocabulary is None:
     raise FileNotFoundError(f"{checkpoint} records no vocabulary (vocabulary.json / tokenizer.json)")
@@ -383,8 +387,7 @@ def select(config: LbtConfig, method: str = "lbt_sum") -> str:
   format; `greedy`: the greedy solution), `provenance.lbt` saying which and why."""
   out = epath.Path(config.output_dir)
   chosen = selections(config, method)
-  candidates = {key: r for key, r in _records(out / "candidates").items()}
-  greedy = _records(out / "greedy")
+  candidates, greedy = _records(out / "candidates"), _records(out / "greedy")
   rows = []
   for index, group in read_scores(config).items():
     lbt = {"selection": method, "answer": chosen[index], "scores": [r["lbt_score"] for r in group],
@@ -402,14 +405,6 @@ def select(config: LbtConfig, method: str = "lbt_sum") -> str:
   if jax.process_index() == 0:
     annotation_store.write_jsonl_atomically(path, rows)
   return str(path)
-
-
-def _records(directory: epath.Path) -> dict[tuple[int, int], dict]:
-  records = {}
-  for line in (directory / annotation_store.OUTPUT_FILE).read_text().splitlines():
-    record = json.loads(line)
-    records[(record["provenance"]["index"], record["provenance"].get("sample", 0))] = record
-  return records
 
 
 def selection_report(config: LbtConfig) -> dict[str, Any]:

@@ -38,10 +38,6 @@ def best(candidates: Sequence[dict]) -> dict:
   return max(candidates, key=_rank)
 
 
-def worst(candidates: Sequence[dict]) -> dict:
-  return min(candidates, key=lambda r: (r["lbt_score"], r["gold_log_likelihood"], r["candidate"]))
-
-
 def self_consistency(candidates: Sequence[dict]) -> str:
   """The most frequent answer; a tie goes to the answer that was sampled first (lowest candidate number)."""
   ordered = sorted(candidates, key=lambda r: r["candidate"])

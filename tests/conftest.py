@@ -1,12 +1,14 @@
 """Shared test setup: an 8-device CPU platform (set before jax is imported), a session compilation cache, fixture
-paths."""
+paths, and the tiny curriculum the tests share."""
 
 import os
 import pathlib
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 host devices for real meshes; LLVM's optimisation level 0 (the tests' tiny models are compile-bound: about 30%
+# less time in total; outputs are checked against references with tolerances, never timed).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,6 +36,33 @@ def pytest_unconfigure(config):
 
 
 _CACHE_DIR = pytest.StashKey[str]()
+
+
+# The tiny curriculum the tests train (test_curriculum checks it, test_students annotates with its teachers).
+CURRICULUM_FAST = {"STAGE1_STEPS": 4, "STAGE2_STEPS": 6, "STAGE3_STEPS": 2, "STAGE_WARMUP_STEPS": 1,
+                   "TASK_FEATURE_LENGTHS": "{'inputs': 64, 'targets': 128}", "train.train.save_every": 2,
+                   "train.train.log_every": 1}
+
+
+def run_tiny_curriculum(model_dir) -> list[dict]:
+  """gin/curriculum/tiny_cpu.gin with CURRICULUM_FAST into `model_dir`; the stage summaries."""
+  import gin
+  from teacherlm_jax import curriculum, gin_utils
+  bindings = {**CURRICULUM_FAST, "MODEL_DIR": f"'{model_dir}'"}
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([str(pathlib.Path(__file__).parents[1] / "gin" / "curriculum" / "tiny_cpu.gin")],
+                        [f"{name}={value}" for name, value in bindings.items()])
+    return gin.get_configurable(curriculum.run)()
+  finally:
+    gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_curriculum(tmp_path_factory) -> tuple[pathlib.Path, list[dict]]:
+  """(<base>/curriculum, its stage summaries): one finished tiny curriculum for the session (read only)."""
+  model_dir = tmp_path_factory.mktemp("shared") / "curriculum"
+  return model_dir, run_tiny_curriculum(model_dir)
 
 
 @pytest.fixture

@@ -12,31 +12,18 @@ import pytest
 
 from teacherlm_jax import curriculum, gin_utils
 
+from conftest import CURRICULUM_FAST, run_tiny_curriculum
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ["stage1_multitask", "stage2_personalization", "stage3_fundamental", "stage3_cot",
           "stage3_common_mistakes"]
-FAST = {"STAGE1_STEPS": 4, "STAGE2_STEPS": 6, "STAGE3_STEPS": 2, "STAGE_WARMUP_STEPS": 1,
-        "TASK_FEATURE_LENGTHS": "{'inputs': 64, 'targets': 128}", "train.train.save_every": 2,
-        "train.train.log_every": 1}
-
-
 def _bindings(model_dir):
-  return [f"{name}={value}" for name, value in {**FAST, "MODEL_DIR": f"'{model_dir}'"}.items()]
+  return [f"{name}={value}" for name, value in {**CURRICULUM_FAST, "MODEL_DIR": f"'{model_dir}'"}.items()]
 
 
-def _run(model_dir, gin_file="tiny_cpu"):
-  gin.clear_config()
-  try:
-    gin_utils.parse_gin([str(REPO / "gin" / "curriculum" / f"{gin_file}.gin")], _bindings(model_dir))
-    return gin.get_configurable(curriculum.run)()
-  finally:
-    gin.clear_config()
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp("curriculum")
-  return model_dir, _run(model_dir)
+@pytest.fixture
+def finished(tiny_curriculum):
+  return tiny_curriculum
 
 
 def test_all_five_stages_run_in_order_and_learn(finished):
@@ -53,7 +40,7 @@ def test_all_five_stages_run_in_order_and_learn(finished):
 
 def test_a_second_invocation_skips_every_stage(finished):
   model_dir, _ = finished
-  assert [s["status"] for s in _run(model_dir)] == ["skipped"] * 5
+  assert [s["status"] for s in run_tiny_curriculum(model_dir)] == ["skipped"] * 5
 
 
 def test_killed_inside_stage2_resumes_stage2(tmp_path):
@@ -69,7 +56,7 @@ def test_killed_inside_stage2_resumes_stage2(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert process.returncode == -signal.SIGKILL
-  summaries = _run(model_dir)
+  summaries = run_tiny_curriculum(model_dir)
   assert summaries[0]["status"] == "skipped"
   assert summaries[1]["status"].startswith(f"resuming {model_dir}/stage2_personalization from its checkpoint")
   assert all((model_dir / stage / "final_params").exists() for stage in STAGES)
