@@ -23,15 +23,12 @@ def _train_command(model_dir):
 
 def test_two_processes_train_to_the_same_parameters_as_one(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  # the one-process run alongside the two-process one (their start-ups overlap)
-  single = subprocess.Popen(_train_command(tmp_path / "one"), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  single = subprocess.run(_train_command(tmp_path / "one"), cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert single.returncode == 0, single.stderr[-3000:]
   logs = tmp_path / "logs"
   launched = subprocess.run([str(REPO / "launch" / "local.sh"), "2", "2"] + _train_command(tmp_path / "two"),
                             cwd=REPO, capture_output=True, text=True, timeout=600, env={**env, "LOG_DIR": str(logs)})
-  _, single_stderr = single.communicate(timeout=600)
-  assert single.returncode == 0, single_stderr[-3000:]
   process_logs = "\n".join(p.read_text()[-2000:] for p in sorted(logs.glob("process_*.log")))
   assert launched.returncode == 0, launched.stdout + launched.stderr + process_logs
   assert "launched 2 processes" in launched.stdout
