@@ -34,9 +34,12 @@ TEACHERS = {
 }
 
 
-def normalize_spaces(text: str) -> str:
-  """Collapses runs of spaces to one and strips trailing spaces, as the release does before generation."""
-  return re.sub(r" {2,}", " ", text).rstrip(" ")
+def remove_duplicated_block(text: str) -> str:
+  """The release's space rule before generation, byte for byte (PROMPTS.md): one pass of `text.replace("  ", " ")`
+  (each pair of spaces becomes one, left to right: a run of three spaces leaves two, a run of four leaves two), then,
+  if the text ends with a space, `text.strip(" ")` (both ends)."""
+  text = text.replace("  ", " ")
+  return text.strip(" ") if text.endswith(" ") else text
 
 
 def inline_options(options: Sequence[str]) -> str:
@@ -83,9 +86,10 @@ def rendered_sample(question: str, answer: str) -> str:
 
 
 def teacher_prompt(question: str, answer: str, teacher: str) -> str:
-  """The rendered sample plus one teacher's trigger, spaces normalised: the annotation / stage-3 input."""
+  """The rendered sample plus one teacher's trigger, the release's space rule applied: the annotation / stage-3
+  input."""
   trigger = TEACHERS[teacher][0]
-  return normalize_spaces(f"{rendered_sample(question, answer)} {trigger}")
+  return remove_duplicated_block(f"{rendered_sample(question, answer)} {trigger}")
 
 
 def teaching_target(fundamentals: str, chain_of_thought: str, common_mistakes: str) -> str:

@@ -79,7 +79,7 @@ class AnnotationConfig:
       tiers and phases change speed and compile time only, not the output.
     mesh_shape: (data, fsdp, tensor), -1 = the rest; dtype: activation dtype of the teachers.
     prompt_format: '' = the release's teacher prompt (`tasks.rendering.teacher_prompt`, the answer given); else a
-      format string over {question}, {answer} and {trigger} (spaces normalised as the release does), e.g. LbT's
+      format string over {question}, {answer} and {trigger} (the release's space rule applied), e.g. LbT's
       solver prompt `Q: {question} A: Let's think step by step.`, which withholds the answer.
   """
 
@@ -199,7 +199,7 @@ def teacher_prompt(config: AnnotationConfig, sample: annotation_inputs.Sample, t
   """The prompt the teacher continues: the release's (`Sample.prompt`) or `config.prompt_format` filled in."""
   if not config.prompt_format:
     return sample.prompt(teacher)
-  return rendering.normalize_spaces(config.prompt_format.format(question=sample.question, answer=sample.answer,
+  return rendering.remove_duplicated_block(config.prompt_format.format(question=sample.question, answer=sample.answer,
                                                                 trigger=rendering.TEACHERS[teacher][0]))
 
 

@@ -125,8 +125,8 @@ class LbtConfig:
 
 
 def solver_text(config: LbtConfig, question: str, prefix: str = "") -> str:
-  """The solver prompt of a question (after a few-shot `prefix`), spaces normalised as the annotation loop does."""
-  return rendering.normalize_spaces(prefix + config.solver_prompt.format(question=question))
+  """The solver prompt of a question (after a few-shot `prefix`), with the release's space rule, as annotated."""
+  return rendering.remove_duplicated_block(prefix + config.solver_prompt.format(question=question))
 
 
 def solution_text(config: LbtConfig, question: str, record: dict) -> str:

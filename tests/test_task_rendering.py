@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -68,10 +69,18 @@ def test_annotation_prompts_use_the_official_triggers():
       rendered + " The fundamental of this question is:")
 
 
-def test_spaces_are_collapsed_and_trailing_spaces_stripped():
-  assert rendering.teacher_prompt("Is  it   so?  ", "(A)", "cot") == (
-      "Q: Is it so? A: The answer is (A). Let's think step by step.")
-  assert rendering.normalize_spaces("a  b   c  ") == "a b c"
+def test_the_space_rule_is_the_releases_byte_for_byte():
+  # PROMPTS.md: one pass of replace("  ", " "): a run of three spaces leaves two, a run of four leaves two; then,
+  # if the text ends with a space, strip(" ") (both ends)
+  assert rendering.remove_duplicated_block("a  b") == "a b"
+  assert rendering.remove_duplicated_block("a   b") == "a  b"
+  assert rendering.remove_duplicated_block("a    b") == "a  b"
+  assert rendering.remove_duplicated_block("a     b") == "a   b"
+  assert rendering.remove_duplicated_block(" a b  ") == "a b"  # ends with a space: both ends stripped
+  assert rendering.remove_duplicated_block(" a b") == " a b"  # does not: the leading space stays
+  assert rendering.remove_duplicated_block("a b   ") == "a b"  # "a b  " after the pass, then stripped
+  assert rendering.teacher_prompt("Is  it   so?", "(A)", "cot") == (
+      "Q: Is it  so? A: The answer is (A). Let's think step by step.")
 
 
 def test_creak_annotation_question():
@@ -83,6 +92,32 @@ def test_ecqa_duplicate_options_take_the_last_match_like_the_release():
   assert evaluation.render_ecqa(LOCATION, row)["targets"] == "C"
   with pytest.raises(formats.BadRecord, match="field 'q_ans'.*none of the options"):
     evaluation.render_ecqa(LOCATION, {**ECQA_ROW, "q_ans": "nobody"})
+
+
+def _release_space_rule(text):
+  """The release's `remove_duplicated_block`, written out as PROMPTS.md states it."""
+  text = text.replace("  ", " ")
+  if text.endswith(" "):
+    text = text.strip(" ")
+  return text
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets is not beside this checkout")
+def test_every_shared_annotation_prompt_is_the_releases():
+  collapsing = 0
+  for dataset, render in (("ecqa_test.jsonl", evaluation.ecqa_question_and_letter), ("creak_dev.jsonl", None)):
+    for line_number, line in enumerate((SHARED / dataset).read_text().splitlines(), start=1):
+      row = json.loads(line)
+      if render:
+        question, letter = render(formats.Location(dataset, line_number), row)
+      else:
+        question, letter = rendering.creak_question(row["sentence"]), "A" if row["label"] == "true" else "B"
+      for teacher, (trigger, _, _) in rendering.TEACHERS.items():
+        released_question = row["question"][3:] if row["question"].startswith("Q: ") else row["question"]
+        release = _release_space_rule(f"Q: {released_question} A: The answer is {row['answer']}. {trigger}")
+        assert rendering.teacher_prompt(question, f"({letter})", teacher) == release, (dataset, line_number)
+      collapsing += re.sub(" {2,}", " ", release) != release
+  assert collapsing == 18  # the ECQA prompts with a run of three spaces, where collapsing every run would differ
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets is not beside this checkout")
