@@ -447,12 +447,12 @@ def report_markdown(report: dict[str, Any]) -> str:
 def pair_rows(config: LbtConfig, pairs_from: str, min_gap: float = 0.0, max_pairs: int = 4) -> list[dict]:
   """DPO rows {"prompt", "chosen", "rejected", ...}: the solver prompt, and two candidates' rationale + answer
   (`pairs_from` 'correctness' and 'correctness+lbt' read the TPs' gold letters)."""
-  gold = {p.index: p.answer for p in read_problems(config.input)} if pairs_from != "lbt" else {}
   problems = {p.index: p for p in read_problems(config.input)}
   rows = []
   for index, group in read_scores(config).items():
     prompt = solver_text(config, problems[index].question)
-    for chosen, rejected in lbt_selection.preference_pairs(group, pairs_from, gold.get(index), min_gap, max_pairs):
+    gold = problems[index].answer if pairs_from != "lbt" else None  # read only by the correctness pairings
+    for chosen, rejected in lbt_selection.preference_pairs(group, pairs_from, gold, min_gap, max_pairs):
       if not (chosen["text"].startswith(prompt) and rejected["text"].startswith(prompt)):
         raise ValueError(f"problem {index}: a worked example does not start with its solver prompt {prompt!r}")
       rows.append({"index": index, "pairs_from": pairs_from, "prompt": prompt,
